@@ -1,0 +1,168 @@
+// Index math shared by the CPU and CUDA kernels, written once.
+//
+// One spatial axis at a time: a pooling (or convolution) window w covers input positions
+// w * stride - padding + tap * dilation for tap in [0, kernel). Every function here is a pure
+// function of integers so that both compilers inline it.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define DECONV_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define DECONV_HOST_DEVICE inline
+#endif
+
+namespace deconvcuda {
+namespace geometry {
+
+// Switches are uint8 window-local indices, so a window holds at most 256 taps (16x16).
+constexpr int64_t kMaxKernelTaps = 256;
+// A switch value that points at no tap: never written by max_pool2d_switches, ignored everywhere.
+constexpr int64_t kNoTap = -1;
+
+// Division rounding toward minus infinity, for possibly negative numerators and positive divisors.
+DECONV_HOST_DEVICE int64_t floor_div(int64_t a, int64_t b) {
+  const int64_t q = a / b;
+  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+
+DECONV_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
+
+// Output length of max_pool2d along one axis, exactly as PyTorch's pooling_output_shape: with
+// ceil_mode the last window must still start inside the input or its left padding.
+DECONV_HOST_DEVICE int64_t pool_output_size(int64_t input, int64_t kernel, int64_t stride,
+                                            int64_t padding, int64_t dilation, bool ceil_mode) {
+  const int64_t span = input + 2 * padding - dilation * (kernel - 1) - 1 + (ceil_mode ? stride - 1 : 0);
+  int64_t out = floor_div(span, stride) + 1;
+  if (ceil_mode && (out - 1) * stride >= input + padding) {
+    --out;
+  }
+  return out;
+}
+
+// Output length of conv2d along one axis (the forward convolution that deconv2d reverses).
+DECONV_HOST_DEVICE int64_t conv_output_size(int64_t input, int64_t kernel, int64_t stride,
+                                            int64_t padding, int64_t dilation) {
+  return floor_div(input + 2 * padding - dilation * (kernel - 1) - 1, stride) + 1;
+}
+
+// The smallest input length whose convolution has `output` positions: the default output length of
+// the transposed convolution. Every length in [smallest, smallest + stride - 1] convolves to
+// `output` as well; output_size picks one of them.
+DECONV_HOST_DEVICE int64_t deconv_min_output_size(int64_t output, int64_t kernel, int64_t stride,
+                                                  int64_t padding, int64_t dilation) {
+  return (output - 1) * stride - 2 * padding + dilation * (kernel - 1) + 1;
+}
+
+// Whether neighbouring windows can share an input position (AlexNet's 3x3 stride 2 pools do).
+DECONV_HOST_DEVICE bool windows_overlap(int64_t kernel, int64_t stride, int64_t dilation) {
+  return dilation * (kernel - 1) + 1 > stride;
+}
+
+// The first and last window (inclusive, clipped to [0, windows)) whose span
+// [w * stride - padding, w * stride - padding + dilation * (kernel - 1)] contains `position`.
+// first > last when there is none. A window in that range contains the position only where
+// tap_of() says so (dilation can skip it).
+struct WindowRange {
+  int64_t first;
+  int64_t last;
+};
+
+DECONV_HOST_DEVICE WindowRange windows_spanning(int64_t position, int64_t windows, int64_t kernel,
+                                                int64_t stride, int64_t padding, int64_t dilation) {
+  int64_t first = ceil_div(position + padding - dilation * (kernel - 1), stride);
+  int64_t last = floor_div(position + padding, stride);
+  if (first < 0) first = 0;
+  if (last > windows - 1) last = windows - 1;
+  return WindowRange{first, last};
+}
+
+// The tap of window `window` that lands on `position`, or kNoTap.
+DECONV_HOST_DEVICE int64_t tap_of(int64_t position, int64_t window, int64_t kernel, int64_t stride,
+                                  int64_t padding, int64_t dilation) {
+  const int64_t offset = position + padding - window * stride;
+  if (offset < 0 || offset % dilation != 0) return kNoTap;
+  const int64_t tap = offset / dilation;
+  return tap < kernel ? tap : kNoTap;
+}
+
+// The input position that tap `tap` of window `window` reads.
+DECONV_HOST_DEVICE int64_t position_of(int64_t window, int64_t tap, int64_t stride, int64_t padding,
+                                       int64_t dilation) {
+  return window * stride - padding + tap * dilation;
+}
+
+// Pooling geometry of both axes, passed to kernels by value.
+struct Pool2d {
+  int64_t kernel_h, kernel_w;
+  int64_t stride_h, stride_w;
+  int64_t padding_h, padding_w;
+  int64_t dilation_h, dilation_w;
+};
+
+// Convolution geometry of both axes (groups are handled by the callers' channel loops).
+struct Conv2d {
+  int64_t kernel_h, kernel_w;
+  int64_t stride_h, stride_w;
+  int64_t padding_h, padding_w;
+  int64_t dilation_h, dilation_w;
+};
+
+// The value that unpooling routes to input position (y, x) of one channel, before the ReLU: the sum
+// of every pooled value whose window's switch points at (y, x). Windows overlap only where the pool
+// is overlapping; then contributions add up (this is max_pool2d's gradient). `grad` and `switches`
+// point at one [pooled_h, pooled_w] plane with the given row strides (in elements).
+template <typename scalar_t, typename acc_t>
+DECONV_HOST_DEVICE acc_t unpooled_sum(const scalar_t* grad, const uint8_t* switches, int64_t grad_row_stride,
+                                      int64_t grad_col_stride, int64_t switch_row_stride,
+                                      int64_t switch_col_stride, int64_t pooled_h, int64_t pooled_w,
+                                      const Pool2d& pool, int64_t y, int64_t x) {
+  acc_t sum = acc_t(0);
+  const WindowRange rows = windows_spanning(y, pooled_h, pool.kernel_h, pool.stride_h, pool.padding_h, pool.dilation_h);
+  const WindowRange cols = windows_spanning(x, pooled_w, pool.kernel_w, pool.stride_w, pool.padding_w, pool.dilation_w);
+  for (int64_t py = rows.first; py <= rows.last; ++py) {
+    const int64_t ky = tap_of(y, py, pool.kernel_h, pool.stride_h, pool.padding_h, pool.dilation_h);
+    if (ky == kNoTap) continue;
+    for (int64_t px = cols.first; px <= cols.last; ++px) {
+      const int64_t kx = tap_of(x, px, pool.kernel_w, pool.stride_w, pool.padding_w, pool.dilation_w);
+      if (kx == kNoTap) continue;
+      if (static_cast<int64_t>(switches[py * switch_row_stride + px * switch_col_stride]) == ky * pool.kernel_w + kx) {
+        sum += static_cast<acc_t>(grad[py * grad_row_stride + px * grad_col_stride]);
+      }
+    }
+  }
+  return sum;
+}
+
+// Whether pooled window (py, px) is the first window, in row-major order, whose switch selects
+// input position (y, x). The fused kernel walks pooled windows and must count each selected
+// position once even when overlapping windows select it twice.
+DECONV_HOST_DEVICE bool first_window_selecting(const uint8_t* switches, int64_t switch_row_stride,
+                                               int64_t switch_col_stride, int64_t pooled_h, int64_t pooled_w,
+                                               const Pool2d& pool, int64_t y, int64_t x, int64_t py, int64_t px) {
+  const WindowRange rows = windows_spanning(y, pooled_h, pool.kernel_h, pool.stride_h, pool.padding_h, pool.dilation_h);
+  const WindowRange cols = windows_spanning(x, pooled_w, pool.kernel_w, pool.stride_w, pool.padding_w, pool.dilation_w);
+  for (int64_t qy = rows.first; qy <= rows.last; ++qy) {
+    const int64_t ky = tap_of(y, qy, pool.kernel_h, pool.stride_h, pool.padding_h, pool.dilation_h);
+    if (ky == kNoTap) continue;
+    for (int64_t qx = cols.first; qx <= cols.last; ++qx) {
+      if (qy == py && qx == px) return true;
+      const int64_t kx = tap_of(x, qx, pool.kernel_w, pool.stride_w, pool.padding_w, pool.dilation_w);
+      if (kx == kNoTap) continue;
+      if (static_cast<int64_t>(switches[qy * switch_row_stride + qx * switch_col_stride]) == ky * pool.kernel_w + kx) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+// The ReLU of the reverse pass: g = max(g, 0). NaN stays NaN, as torch.relu leaves it.
+template <typename acc_t>
+DECONV_HOST_DEVICE acc_t rectify(acc_t value) {
+  return value < acc_t(0) ? acc_t(0) : value;
+}
+
+}  // namespace geometry
+}  // namespace deconvcuda

@@ -1,0 +1,98 @@
+"""The pure-PyTorch twin of every deconvcuda op and of ``project``: the oracle the native kernels are
+tested against. Only torch ops, no extension; same signatures and semantics as ``deconvcuda.ops``
+and ``deconvcuda.project``, and deliberately simple (full-size maps, no cropping, no fusion)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+IntPair = Union[int, Sequence[int]]
+
+__all__ = ["max_pool2d_switches", "unpool_relu", "deconv2d", "unpool_relu_deconv2d", "project"]
+
+
+def _pair(value) -> Tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(value)
+    return tuple(value[-2:]) if len(value) == 4 else (value[0], value[1])
+
+
+def _window_starts(pooled: int, stride: int, padding: int, device) -> torch.Tensor:
+    return torch.arange(pooled, device=device) * stride - padding
+
+
+def max_pool2d_switches(input: torch.Tensor, kernel_size: IntPair, stride: Optional[IntPair] = None,
+                        padding: IntPair = 0, dilation: IntPair = 1,
+                        ceil_mode: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's max_pool2d_with_indices, its plane-flat indices turned into window-local switches."""
+    kernel = _pair(kernel_size)
+    stride = kernel if stride is None else _pair(stride)
+    padding, dilation = _pair(padding), _pair(dilation)
+    out, flat = F.max_pool2d_with_indices(input, kernel, stride, padding, dilation, ceil_mode)
+    width = input.shape[3]
+    iy, ix = flat // width, flat % width
+    y0 = _window_starts(out.shape[2], stride[0], padding[0], input.device).view(1, 1, -1, 1)
+    x0 = _window_starts(out.shape[3], stride[1], padding[1], input.device).view(1, 1, 1, -1)
+    ky = (iy - y0) // dilation[0]
+    kx = (ix - x0) // dilation[1]
+    return out, (ky * kernel[1] + kx).to(torch.uint8)
+
+
+def _switch_targets(switches: torch.Tensor, input_size, kernel, stride, padding, dilation):
+    """Plane-flat input index each switch points at, and whether it points inside the input."""
+    ky = switches.long() // kernel[1]
+    kx = switches.long() % kernel[1]
+    y0 = _window_starts(switches.shape[2], stride[0], padding[0], switches.device).view(1, 1, -1, 1)
+    x0 = _window_starts(switches.shape[3], stride[1], padding[1], switches.device).view(1, 1, 1, -1)
+    iy = y0 + ky * dilation[0]
+    ix = x0 + kx * dilation[1]
+    valid = (switches.long() < kernel[0] * kernel[1]) & (iy >= 0) & (iy < input_size[0]) & (ix >= 0) & (
+        ix < input_size[1])
+    return (iy * input_size[1] + ix).clamp(0, input_size[0] * input_size[1] - 1), valid
+
+
+def unpool_relu(grad: torch.Tensor, switches: torch.Tensor, input_size, kernel_size: IntPair,
+                stride: Optional[IntPair] = None, padding: IntPair = 0, dilation: IntPair = 1) -> torch.Tensor:
+    """relu(sum of each pooled value scattered to its switch)."""
+    kernel = _pair(kernel_size)
+    stride = kernel if stride is None else _pair(stride)
+    padding, dilation, input_size = _pair(padding), _pair(dilation), _pair(input_size)
+    target, valid = _switch_targets(switches, input_size, kernel, stride, padding, dilation)
+    n, c = grad.shape[:2]
+    values = torch.where(valid, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    # accumulate in float64 so that the oracle's only rounding is the final cast
+    plane = torch.zeros(n, c, input_size[0] * input_size[1], dtype=torch.float64, device=grad.device)
+    plane.scatter_add_(2, target.reshape(n, c, -1), values.reshape(n, c, -1).double())
+    return torch.relu(plane).view(n, c, *input_size).to(grad.dtype)
+
+
+def deconv2d(input: torch.Tensor, weight: torch.Tensor, stride: IntPair = 1, padding: IntPair = 0,
+             dilation: IntPair = 1, groups: int = 1, output_size=None) -> torch.Tensor:
+    """conv_transpose2d with the forward conv's weight; output_size picks the output padding."""
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    smallest = [(input.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1
+                for i in range(2)]
+    output_size = smallest if output_size is None else _pair(output_size)
+    output_padding = tuple(output_size[i] - smallest[i] for i in range(2))
+    return F.conv_transpose2d(input, weight, None, stride, padding, output_padding, groups, dilation)
+
+
+def unpool_relu_deconv2d(grad: torch.Tensor, switches: torch.Tensor, weight: torch.Tensor, input_size,
+                         kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0,
+                         dilation: IntPair = 1, conv_stride: IntPair = 1, conv_padding: IntPair = 0,
+                         conv_dilation: IntPair = 1, groups: int = 1, output_size=None) -> torch.Tensor:
+    """The composition the fused kernel computes in one pass."""
+    unpooled = unpool_relu(grad, switches, input_size, kernel_size, stride, padding, dilation)
+    return deconv2d(unpooled, weight, conv_stride, conv_padding, conv_dilation, groups, output_size)
+
+
+def project(model, images, layer, channel=None, position=None, neurons=None, *, seed="value", lrn="gradient",
+            **options):
+    """``deconvcuda.project`` computed with the ops above: full-size maps, layer by layer."""
+    from .engine import project as _project
+
+    return _project(model, images, layer, channel, position, neurons, seed=seed, lrn=lrn, backend="reference",
+                    **options)
