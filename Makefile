@@ -39,7 +39,7 @@ demo: $(EXT)
 	$(PY) -m deconvcuda visualize --out out
 
 bench: $(EXT)
-	$(PY) -m pytest bench --benchmark-only --benchmark-columns=median,iqr,rounds -q
+	$(PY) -m pytest bench -o python_files='bench_*.py' --benchmark-only --benchmark-columns=median,iqr,rounds -q
 
 clean:
 	rm -rf build $(EXT) deconvcuda/_C*.so out .pytest_cache .benchmarks

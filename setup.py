@@ -10,11 +10,43 @@ Whether a GPU is present never matters: CI compiles the CUDA kernels on machines
 """
 import glob
 import os
+import re
 import shutil
+import subprocess
+import tempfile
 
 from setuptools import find_packages, setup
 
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+def _toolkit_root_from_nvcc():
+    """The CUDA toolkit's root folder as nvcc itself reports it (its `TOP`), or None.
+
+    torch.utils.cpp_extension guesses CUDA_HOME as the parent of the folder `nvcc` is found in; where
+    that nvcc is a wrapper script (/usr/local/bin/nvcc -> /usr/local/cuda-13.0/bin/nvcc on the CI
+    machines), the guess is /usr/local, which has no libcudart, and linking fails. So unless the user
+    set CUDA_HOME or CUDA_PATH, ask nvcc where its toolkit is before torch looks.
+    """
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "probe.cu")
+        open(source, "w").close()
+        try:
+            dryrun = subprocess.run([nvcc, "--dryrun", "-c", source, "-o", os.path.join(folder, "probe.o")],
+                                    capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    match = re.search(r"^#\$ TOP=(.+)$", dryrun.stdout + dryrun.stderr, re.MULTILINE)
+    return os.path.realpath(match.group(1).strip()) if match else None
+
+
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+    _root = _toolkit_root_from_nvcc()
+    if _root is not None:
+        os.environ["CUDA_HOME"] = _root
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
@@ -34,7 +66,9 @@ def _extension():
     debug = _env_flag("DECONVCUDA_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = opt + ["-std=c++17", "-fopenmp"]
+    # No -std flag: torch.utils.cpp_extension adds the standard the installed torch's headers need
+    # (C++20 for the torch here, C++17 for older ones), so one setup.py builds against either.
+    cxx_flags = opt + ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     with_cuda = _nvcc_available() and not _env_flag("DECONVCUDA_CPU_ONLY")
     if not with_cuda:
@@ -48,7 +82,7 @@ def _extension():
     print("deconvcuda: building the CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST="
           f"{os.environ['TORCH_CUDA_ARCH_LIST']} with {os.path.join(CUDA_HOME or '', 'bin', 'nvcc')}",
           flush=True)
-    nvcc_flags = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
     return CUDAExtension(
         "deconvcuda._C", sources, include_dirs=include_dirs,
         define_macros=[("DECONVCUDA_WITH_CUDA", None)],

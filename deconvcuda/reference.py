@@ -31,7 +31,13 @@ def max_pool2d_switches(input: torch.Tensor, kernel_size: IntPair, stride: Optio
     kernel = _pair(kernel_size)
     stride = kernel if stride is None else _pair(stride)
     padding, dilation = _pair(padding), _pair(dilation)
-    out, flat = F.max_pool2d_with_indices(input, kernel, stride, padding, dilation, ceil_mode)
+    if input.dim() == 4 and input.shape[1] == 0:
+        # PyTorch refuses zero channels but allows an empty batch: pool the [N * C, 1, H, W] planes
+        out, flat = F.max_pool2d_with_indices(input.reshape(0, 1, *input.shape[2:]), kernel, stride, padding,
+                                              dilation, ceil_mode)
+        out, flat = (t.reshape(*input.shape[:2], *t.shape[2:]) for t in (out, flat))
+    else:
+        out, flat = F.max_pool2d_with_indices(input, kernel, stride, padding, dilation, ceil_mode)
     width = input.shape[3]
     iy, ix = flat // width, flat % width
     y0 = _window_starts(out.shape[2], stride[0], padding[0], input.device).view(1, 1, -1, 1)
@@ -61,11 +67,11 @@ def unpool_relu(grad: torch.Tensor, switches: torch.Tensor, input_size, kernel_s
     stride = kernel if stride is None else _pair(stride)
     padding, dilation, input_size = _pair(padding), _pair(dilation), _pair(input_size)
     target, valid = _switch_targets(switches, input_size, kernel, stride, padding, dilation)
-    n, c = grad.shape[:2]
+    n, c, pooled = grad.shape[0], grad.shape[1], grad.shape[2] * grad.shape[3]
     values = torch.where(valid, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
     # accumulate in float64 so that the oracle's only rounding is the final cast
     plane = torch.zeros(n, c, input_size[0] * input_size[1], dtype=torch.float64, device=grad.device)
-    plane.scatter_add_(2, target.reshape(n, c, -1), values.reshape(n, c, -1).double())
+    plane.scatter_add_(2, target.reshape(n, c, pooled), values.reshape(n, c, pooled).double())
     return torch.relu(plane).view(n, c, *input_size).to(grad.dtype)
 
 
@@ -77,6 +83,9 @@ def deconv2d(input: torch.Tensor, weight: torch.Tensor, stride: IntPair = 1, pad
                 for i in range(2)]
     output_size = smallest if output_size is None else _pair(output_size)
     output_padding = tuple(output_size[i] - smallest[i] for i in range(2))
+    if input.shape[1] == 0 or weight.shape[1] == 0:
+        # a sum over no channels, or no output channels: PyTorch's convolutions refuse both
+        return input.new_zeros(input.shape[0], weight.shape[1] * groups, *output_size)
     return F.conv_transpose2d(input, weight, None, stride, padding, output_padding, groups, dilation)
 
 

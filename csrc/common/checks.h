@@ -54,7 +54,7 @@ inline void check_4d(const char* op, const char* name, const at::Tensor& t) {
 inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
   const auto dtype = t.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": ", name, " must be float32, float64, float16 or bfloat16, got ", dtype);
+              ": ", name, " must be float32, float64, float16 or bfloat16, got ", dtype_name(dtype));
 }
 
 inline void check_same_dtype(const char* op, const char* name, const at::Tensor& t, const char* other_name,

@@ -93,6 +93,24 @@ DECONV_HOST_DEVICE int64_t position_of(int64_t window, int64_t tap, int64_t stri
   return window * stride - padding + tap * dilation;
 }
 
+// The taps [first, end) of window `window` that read inside [0, size). `first` is the first tap
+// at a position >= 0 even when end <= first (a window that lies wholly in the padding, which
+// dilation makes possible): PyTorch's max_pool2d reports that tap as the index of such a window,
+// and max_pool2d_switches reports it too.
+struct TapRange {
+  int64_t first;
+  int64_t end;
+};
+
+DECONV_HOST_DEVICE TapRange taps_inside(int64_t window, int64_t size, int64_t kernel, int64_t stride,
+                                        int64_t padding, int64_t dilation) {
+  const int64_t start = window * stride - padding;
+  const int64_t first = start < 0 ? ceil_div(-start, dilation) : 0;
+  int64_t end = floor_div(size - 1 - start, dilation) + 1;
+  if (end > kernel) end = kernel;
+  return TapRange{first, end};
+}
+
 // Pooling geometry of both axes, passed to kernels by value.
 struct Pool2d {
   int64_t kernel_h, kernel_w;

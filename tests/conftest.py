@@ -1,0 +1,180 @@
+"""Shared fixtures and helpers for the deconvcuda test-suite.
+
+Test modules import what they need from here (pytest puts this directory on ``sys.path``):
+
+    from conftest import DEVICES, FLOAT_DTYPES, assert_close_to_oracle
+
+Every test that touches tensors is parametrised over ``DEVICES`` (or takes the ``device`` fixture),
+so CPU-only CI runs the CPU half and lists the CUDA half as skipped with its reason (``pytest -ra``).
+"""
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+import pytest
+import torch
+
+CUDA_AVAILABLE = torch.cuda.is_available()
+
+#: The devices every test runs on. CUDA is always listed, and skipped visibly where there is no GPU.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not CUDA_AVAILABLE,
+                               reason="CUDA not available: the CUDA kernels are compiled but not run here"),
+        ],
+    ),
+]
+
+#: Every dtype the ops accept.
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+#: The dtypes whose results are rounded coarsely enough that accumulation order shows.
+LOW_PRECISION_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``, for readable test ids."""
+    return str(dtype).replace("torch.", "")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """The device under test: "cpu", and "cuda" where a GPU is present (skipped otherwise)."""
+    return request.param
+
+
+@pytest.fixture(params=FLOAT_DTYPES, ids=dtype_id)
+def dtype(request) -> torch.dtype:
+    """Each floating dtype the ops accept."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def seed() -> int:
+    """Seed torch's and Python's generators before every test, so that a failure reproduces alone."""
+    torch.manual_seed(0)
+    random.seed(0)
+    return 0
+
+
+def case_rng(*key) -> random.Random:
+    """A generator seeded from ``key`` (e.g. the test name and the case number): test cases drawn
+    from it are the same in every run and do not depend on which other tests ran first."""
+    return random.Random(" ".join(str(part) for part in key))
+
+
+def torch_generator(rng: random.Random, device: str = "cpu") -> torch.Generator:
+    """A torch generator seeded from ``rng``, for tensors drawn alongside a case's parameters."""
+    return torch.Generator(device=device).manual_seed(rng.randrange(2**62))
+
+
+def random_tensor(shape, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                  generator: Optional[torch.Generator] = None, integers: bool = False,
+                  nan_fraction: float = 0.0) -> torch.Tensor:
+    """Standard-normal values (drawn on the CPU, so a case is the same on every device), or small
+    integers in [-3, 3] where ``integers`` (many exact ties in every window), with a fraction of
+    NaN where ``nan_fraction`` > 0."""
+    if integers:
+        values = torch.randint(-3, 4, tuple(shape), generator=generator).to(torch.float64)
+    else:
+        values = torch.randn(tuple(shape), generator=generator, dtype=torch.float64)
+    if nan_fraction > 0:
+        values[torch.rand(tuple(shape), generator=generator) < nan_fraction] = float("nan")
+    return values.to(dtype=dtype, device=device)
+
+
+def noncontiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values as ``t`` in a non-contiguous layout: every other element of a tensor twice
+    as wide along the last dimension, so strides are neither contiguous nor channels_last."""
+    if t.dim() == 0 or t.numel() == 0:
+        return t
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+def guarded(t: torch.Tensor, fill: float = float("nan")) -> torch.Tensor:
+    """The same values as ``t``, contiguous, in the middle of a storage three times its size whose
+    other elements are ``fill`` (NaN; 255 for uint8): a kernel that reads past either end of the
+    tensor picks ``fill`` up, and its result stops matching the oracle's."""
+    if t.dtype == torch.uint8:
+        fill = 255
+    storage = torch.full((3 * t.numel(),), fill, dtype=t.dtype, device=t.device)
+    view = storage[t.numel():2 * t.numel()].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def transposed(t: torch.Tensor) -> torch.Tensor:
+    """The same values as the 4-D ``t`` stored with H and W swapped in memory (a transposed view)."""
+    return t.transpose(2, 3).contiguous().transpose(2, 3)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate in: float32 for float16 and bfloat16, else the dtype itself."""
+    return torch.float32 if dtype in LOW_PRECISION_DTYPES else dtype
+
+
+def tolerance_from_reference(reference: torch.Tensor, truth: torch.Tensor, *, magnitude=None,
+                             multiple: float = 2.0, floor_ulps: float = 2.0) -> float:
+    """The absolute tolerance for a result in ``reference.dtype``, from the error the reference
+    itself makes in that dtype: ``multiple * max |reference - truth|`` (``truth`` computed in
+    float64 from the same inputs), plus a floor of ``floor_ulps`` roundings, so that a reference
+    that happens to be exact (float64, exact sums) still leaves room for another summation order:
+    one rounding of the largest result in the dtype, and one of ``magnitude`` in the accumulation
+    dtype. ``magnitude`` is the largest sum of |terms| (the op applied to absolute values; default:
+    the largest |truth|), the scale of accumulation errors where terms cancel."""
+    finite = torch.isfinite(truth) & torch.isfinite(reference.to(torch.float64))
+    if truth.numel() == 0 or not bool(finite.any()):
+        return 0.0
+    reference_error = (reference.to(torch.float64) - truth).abs()[finite].max().item()
+    largest = truth.abs()[finite].max().item()
+    if magnitude is None:
+        magnitude = largest
+    elif isinstance(magnitude, torch.Tensor):
+        magnitude = magnitude.to(torch.float64).abs().nan_to_num(0.0).max().item() if magnitude.numel() else 0.0
+    rounding = (torch.finfo(reference.dtype).eps * largest
+                + torch.finfo(accumulation_dtype(reference.dtype)).eps * float(magnitude))
+    return multiple * reference_error + floor_ulps * rounding
+
+
+def assert_close_to_oracle(actual: torch.Tensor, reference: torch.Tensor, truth: torch.Tensor, *,
+                           magnitude=None, multiple: float = 2.0, floor_ulps: float = 2.0,
+                           msg: str = "") -> None:
+    """Assert that ``actual`` (a native result) is as close to the float64 ``truth`` as the
+    reference computed in the same dtype is, give or take ``multiple`` and a floor (see
+    ``tolerance_from_reference``). Shape, dtype and device must equal the reference's; NaN must
+    be where the truth has NaN."""
+    assert actual.shape == reference.shape, f"{msg}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
+    assert actual.dtype == reference.dtype, f"{msg}: dtype {actual.dtype} != {reference.dtype}"
+    assert actual.device == reference.device, f"{msg}: device {actual.device} != {reference.device}"
+    assert truth.shape == reference.shape, f"{msg}: truth has shape {tuple(truth.shape)}"
+    actual64 = actual.to(torch.float64)
+    truth = truth.to(device=actual.device, dtype=torch.float64)
+    nan_where = torch.isnan(truth)
+    assert torch.equal(torch.isnan(actual64), nan_where), f"{msg}: NaN where the truth has none, or vice versa"
+    tol = tolerance_from_reference(reference, truth, magnitude=magnitude, multiple=multiple,
+                                   floor_ulps=floor_ulps)
+    if actual.numel() == 0:
+        return
+    error = (actual64 - truth).abs()
+    error[nan_where] = 0
+    worst = error.max().item()
+    assert worst <= tol, (
+        f"{msg}: max |actual - truth| = {worst:.3g} exceeds the tolerance {tol:.3g} "
+        f"({multiple:g} x the reference's own error in {reference.dtype} + {floor_ulps:g} roundings) at index "
+        f"{tuple(int(i) for i in torch.unravel_index(error.argmax(), error.shape))}")
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") -> None:
+    """Equal dtype, shape and bits (NaN equal to NaN, -0.0 distinct from 0.0)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (
+        f"{msg}: {actual.dtype}{tuple(actual.shape)} != {expected.dtype}{tuple(expected.shape)}")
+    if actual.is_floating_point():
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
+        actual, expected = actual.contiguous().view(bits), expected.contiguous().view(bits)
+    assert torch.equal(actual.cpu(), expected.cpu()), f"{msg}: results differ bit for bit"
