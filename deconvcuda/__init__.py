@@ -4,6 +4,14 @@
     top = deconvcuda.top_activations(model, data, layer="features.29", k=9)
     deconvcuda.visualize(model, data, layers=["features.29"], out="out")
 """
-from . import ops, reference
-
 __version__ = "0.1.0"
+
+from . import ops, reference
+from .engine import project
+from .receptive_field import ReceptiveField, crop_patches, receptive_field
+from .top import TopActivations, top_activations
+from . import models
+from .figures import visualize
+
+__all__ = ["ops", "reference", "project", "top_activations", "TopActivations", "receptive_field",
+           "ReceptiveField", "crop_patches", "visualize", "models", "__version__"]

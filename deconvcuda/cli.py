@@ -1,0 +1,254 @@
+"""The command line: ``deconvcuda visualize`` (also ``python -m deconvcuda visualize``).
+
+    deconvcuda visualize                                   # the embedded VGG16 on the bundled photos -> out/
+    deconvcuda visualize --model alexnet --weights alexnet.pth --images photos/ --layers features.11
+
+Exit status: 0 on success, 2 for usage errors (a bad option, a missing file or directory, an unknown
+layer or channel, a weights file that does not fit the model), 1 when the work itself fails.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+PROG = "deconvcuda"
+
+#: Defaults sized so that `make demo` (the embedded VGG16, five layers, CPU) takes a few minutes on 2 cores.
+DEFAULT_IMAGE_SIZE = 224
+DEFAULT_CROPS_PER_PHOTO = 3
+DEFAULT_MAX_CHANNELS = 12
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: reported without a traceback, exit status 2."""
+
+
+def parse_channels(text: str) -> List[int]:
+    """``"0-15,32"`` -> [0, 1, ..., 15, 32]: comma-separated channels and inclusive ranges."""
+    channels: List[int] = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            if "-" in item:
+                first, last = (int(part) for part in item.split("-", 1))
+                if first > last:
+                    raise ValueError
+                channels.extend(range(first, last + 1))
+            else:
+                channels.append(int(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected channels like '0-15,32' (non-negative ints and inclusive ranges), got {text!r}") from None
+    if any(channel < 0 for channel in channels):
+        raise argparse.ArgumentTypeError(f"channels must be non-negative, got {text!r}")
+    return list(dict.fromkeys(channels))
+
+
+def parse_layers(text: str) -> List[str]:
+    """``"features.3,8,15"`` -> ["features.3", "features.8", "features.15"]: a bare number reuses
+    the prefix of the name before it."""
+    layers: List[str] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            raise argparse.ArgumentTypeError(f"expected layer names separated by commas, got {text!r}")
+        if item.isdigit() and layers and "." in layers[-1]:
+            item = layers[-1].rsplit(".", 1)[0] + "." + item
+        layers.append(item)
+    return layers
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParser]]:
+    from . import __version__
+    from .models import MODEL_NAMES
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Zeiler & Fergus DeconvNet projections and top-k figures.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    visualize = commands.add_parser(
+        "visualize", help="write the paper's top-k figures of some layers to a folder with an index.html",
+        description="For each channel of each layer: its k strongest activations over the images, projected "
+                    "to pixel space, beside the image patches they came from; PNG files and an index.html.")
+    visualize.add_argument("--model", default="vgg16_hed", choices=MODEL_NAMES, metavar="NAME",
+                           help="vgg16_hed (pretrained, embedded; the default), zfnet, alexnet, vgg11..vgg19, "
+                                "vgg11_bn..vgg19_bn (random weights unless --weights)")
+    visualize.add_argument("--weights", metavar="FILE",
+                           help="a torchvision-style state_dict file (torch.save(model.state_dict(), FILE))")
+    visualize.add_argument("--images", metavar="DIR",
+                           help="a folder of images (default: photos bundled with scikit-image, several crops each)")
+    visualize.add_argument("--layers", type=parse_layers, metavar="LIST",
+                           help="comma-separated layer names; a bare number reuses the previous prefix, e.g. "
+                                "features.3,8,15 (default: the last ReLU of each block)")
+    visualize.add_argument("--channels", type=parse_channels, metavar="LIST",
+                           help="channels to draw in every layer, e.g. 0-15,32 (default: the first "
+                                "--max-channels channels that fire on the images)")
+    visualize.add_argument("--max-channels", type=_positive, default=DEFAULT_MAX_CHANNELS, metavar="N",
+                           help=f"without --channels, how many channels per layer (default {DEFAULT_MAX_CHANNELS})")
+    visualize.add_argument("--top", type=_positive, default=9, metavar="K",
+                           help="activations per channel (default 9, a 3x3 grid as in the paper)")
+    visualize.add_argument("--out", default="out", metavar="DIR", help="output folder (default out/)")
+    visualize.add_argument("--device", metavar="DEVICE",
+                           help="cpu, cuda or cuda:N (default cuda if available, else cpu)")
+    visualize.add_argument("--batch-size", type=_positive, default=32, metavar="N",
+                           help="images per forward pass (default 32)")
+    visualize.add_argument("--image-size", type=_positive, default=DEFAULT_IMAGE_SIZE, metavar="PIXELS",
+                           help=f"images are resized and centre-cropped to this square (default {DEFAULT_IMAGE_SIZE})")
+    visualize.add_argument("--crops", type=_positive, default=DEFAULT_CROPS_PER_PHOTO, metavar="N",
+                           help="square crops per bundled photo, at most 14 (default "
+                                f"{DEFAULT_CROPS_PER_PHOTO}; ignored with --images)")
+    visualize.add_argument("--seed", choices=("value", "one"), default="value",
+                           help="the seed: the activation's value (the paper's, default) or 1")
+    visualize.add_argument("--lrn", choices=("gradient", "identity"), default="gradient",
+                           help="how LocalResponseNorm is reversed (default: its gradient)")
+    visualize.add_argument("--backend", choices=("auto", "reference"), default="auto",
+                           help="native kernels (auto, default) or the pure-PyTorch reference")
+    visualize.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser, {"visualize": visualize}
+
+
+def _device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: expected cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UsageError(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def _layer_channels(model: torch.nn.Module, sample: torch.Tensor, layers: Sequence[str]) -> dict:
+    """Each layer's channel count, from one forward pass on one image with temporary hooks."""
+    modules = dict(model.named_modules())
+    counts = {}
+
+    def hook(name):
+        def record(module, inputs, output):
+            if isinstance(output, torch.Tensor) and output.dim() >= 2:
+                counts[name] = output.shape[1]
+        return record
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in layers]
+    try:
+        with torch.no_grad():
+            model(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
+def _check_layers(model: torch.nn.Module, layers: Sequence[str]) -> None:
+    names = [name for name, _ in model.named_modules() if name]
+    unknown = [layer for layer in layers if layer not in names]
+    if unknown:
+        shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
+        raise UsageError(f"--layers: unknown layer(s) {', '.join(unknown)}; the model's layers are: {shown}")
+
+
+def _load_images(args, size: int):
+    from . import data
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if args.images is not None:
+                images = data.load_folder(args.images, size=size)
+            else:
+                if args.crops > 14:
+                    raise UsageError(f"--crops: at most 14 crops per photo, got {args.crops}")
+                images = data.bundled_photos(size=size, crops_per_photo=args.crops)
+        except (FileNotFoundError, NotADirectoryError) as error:
+            raise UsageError(f"--images: {error}") from None
+        except ValueError as error:
+            raise UsageError(f"--images: {error}") from None
+    for warning in caught:
+        print(f"{PROG} visualize: warning: {warning.message}", file=sys.stderr)
+    return images
+
+
+def visualize_command(args) -> int:
+    from . import models
+    from .figures import visualize
+
+    device = _device(args.device)
+    try:
+        model = models.build(args.model, weights=args.weights)
+    except (FileNotFoundError, IsADirectoryError) as error:
+        raise UsageError(f"--weights: {error}") from None
+    except ValueError as error:
+        raise UsageError(f"--weights: {error}" if args.weights else str(error)) from None
+    model = model.to(device)
+    layers = args.layers or models.default_layers(model)
+    _check_layers(model, layers)
+
+    images = _load_images(args, args.image_size)
+    inputs = model.preprocessing.to_model(images.images)
+    if args.channels is not None:
+        counts = _layer_channels(model, inputs[:1].to(device), layers)
+        for layer in layers:
+            bad = [c for c in args.channels if layer in counts and c >= counts[layer]]
+            if bad:
+                raise UsageError(f"--channels: layer {layer} has {counts[layer]} channels (0..{counts[layer] - 1}), "
+                                 f"so {', '.join(map(str, bad[:10]))} do not exist")
+
+    where = "the bundled photos" if args.images is None else args.images
+    print(f"{PROG}: {args.model} on {device}, {len(images)} images of {where} at "
+          f"{args.image_size}x{args.image_size}, layers {', '.join(layers)}", file=sys.stderr)
+    run = visualize(model, inputs, layers, channels=args.channels, k=args.top, out=args.out,
+                    image_names=images.names, preprocessing=model.preprocessing, batch_size=args.batch_size,
+                    device=device, seed=args.seed, lrn=args.lrn, backend=args.backend,
+                    progress=not args.no_progress,
+                    max_channels=None if args.channels is not None else args.max_channels,
+                    model_name=args.model if args.weights is None else f"{args.model} ({args.weights})")
+    print(f"wrote {len(run.figures)} figures of {len(run.layers)} layers to {os.path.join(str(run.out), '')}; "
+          f"open {run.index}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser, commands = _parser()
+    # argparse exits with status 2 and a usage message on a bad option
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported with the command's usage, not the top level's
+        (commands[args.command] if args.command else parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return visualize_command(args)
+    except UsageError as error:
+        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except (ModuleNotFoundError, ValueError, TypeError, RuntimeError, OSError) as error:
+        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

