@@ -1,0 +1,244 @@
+// The work of one CUDA thread for one output element, as __host__ __device__ functions.
+//
+// The kernels in deconv_kernels.cu are grid-stride loops over these functions and nothing else, so
+// the exact arithmetic of the CUDA kernels (index math, summation order, rounding) is plain C++ that
+// the host compiler builds too: tests/cuda_emulation.cpp runs every element on the CPU and the tests
+// compare it with the reference on machines without a GPU (tests/test_cuda_emulation.py).
+//
+// Only headers that compile for the host and the device are included here.
+#pragma once
+
+#include <ATen/NumericUtils.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "common/geometry.h"
+
+namespace deconvcuda {
+namespace cuda_elements {
+
+using geometry::Conv2d;
+using geometry::Pool2d;
+
+// --------------------------------------------------------------------------------------------- //
+// max_pool2d_switches
+// --------------------------------------------------------------------------------------------- //
+
+// One pooled output (n, c, py, px) = `index` of the [N, C, pooled_h, pooled_w] output. PyTorch's
+// max_pool2d rule: start from the first tap at a position >= 0 with value -inf, and take a tap when
+// `val > maxval || isnan(val)`, in row-major window order: the first maximum wins ties, a later NaN
+// replaces an earlier one. The output is maxval itself, which is the input at the switch whenever
+// the window has an in-bounds tap (and -inf for a window that dilation puts wholly in the padding,
+// as in PyTorch).
+template <typename scalar_t>
+DECONV_HOST_DEVICE void max_pool2d_switches_element(int64_t index, const scalar_t* input, scalar_t* output,
+                                                    uint8_t* switches, int64_t height, int64_t width,
+                                                    int64_t pooled_h, int64_t pooled_w, const Pool2d& pool) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t px = index % pooled_w;
+  const int64_t py = (index / pooled_w) % pooled_h;
+  const int64_t plane = index / (pooled_w * pooled_h);
+  const scalar_t* input_plane = input + plane * height * width;
+
+  const geometry::TapRange rows =
+      geometry::taps_inside(py, height, pool.kernel_h, pool.stride_h, pool.padding_h, pool.dilation_h);
+  const geometry::TapRange cols =
+      geometry::taps_inside(px, width, pool.kernel_w, pool.stride_w, pool.padding_w, pool.dilation_w);
+  acc_t maxval = -std::numeric_limits<acc_t>::infinity();
+  int64_t switch_tap = rows.first * pool.kernel_w + cols.first;
+  for (int64_t ky = rows.first; ky < rows.end; ++ky) {
+    const int64_t y = geometry::position_of(py, ky, pool.stride_h, pool.padding_h, pool.dilation_h);
+    for (int64_t kx = cols.first; kx < cols.end; ++kx) {
+      const int64_t x = geometry::position_of(px, kx, pool.stride_w, pool.padding_w, pool.dilation_w);
+      const acc_t value = static_cast<acc_t>(input_plane[y * width + x]);
+      if (value > maxval || at::_isnan(value)) {
+        maxval = value;
+        switch_tap = ky * pool.kernel_w + kx;
+      }
+    }
+  }
+  output[index] = static_cast<scalar_t>(maxval);
+  // < 256: the first tap at a position >= 0 is at most padding <= kernel / 2 (checks.h), and
+  // kernel_h * kernel_w <= 256.
+  switches[index] = static_cast<uint8_t>(switch_tap);
+}
+
+// --------------------------------------------------------------------------------------------- //
+// unpool_relu
+// --------------------------------------------------------------------------------------------- //
+
+// One position (n, c, y, x) = `index` of the [N, C, height, width] pool input: the ReLU of the sum of
+// the pooled values whose switch selects it. A switch that names no tap, or a tap in the padding,
+// matches no position, so it is never followed outside the tensors.
+template <typename scalar_t>
+DECONV_HOST_DEVICE void unpool_relu_element(int64_t index, const scalar_t* grad, const uint8_t* switches,
+                                            scalar_t* output, int64_t height, int64_t width, int64_t pooled_h,
+                                            int64_t pooled_w, const Pool2d& pool) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t x = index % width;
+  const int64_t y = (index / width) % height;
+  const int64_t plane_offset = (index / (width * height)) * pooled_h * pooled_w;
+  const acc_t sum = geometry::unpooled_sum<scalar_t, acc_t>(grad + plane_offset, switches + plane_offset, pooled_w,
+                                                            1, pooled_w, 1, pooled_h, pooled_w, pool, y, x);
+  output[index] = static_cast<scalar_t>(geometry::rectify(sum));
+}
+
+// --------------------------------------------------------------------------------------------- //
+// unpool_relu_deconv2d: the fused sparse gather
+// --------------------------------------------------------------------------------------------- //
+// out[n, ci, y, x] = sum over co in ci's group, conv taps (cy, cx) with
+//   (oy, ox) = the conv-output position that tap (cy, cx) maps onto (y, x):
+//   weight[co, ci % C_in_per_group, cy, cx] * U[n, co, oy, ox],
+// U = relu(unpooled grad), [N, C_out, height, width]. U is zero except at positions some window's
+// switch selects, at most one per window. So instead of walking the kh x kw conv taps, a thread walks
+// the pooled windows whose span reaches the conv-output rows and columns that map onto (y, x), reads
+// each window's switch, and keeps the windows whose selected position is one of those (oy, ox).
+//
+// Work, per image, for a k x k pool of stride k (P = pooled_h * pooled_w windows per channel,
+// height * width = k^2 P) and a kh x kw conv of stride 1, C = C_out / groups channels per group:
+//   dense (unpool_relu, then cuDNN): writes and reads U, 2 * C_out * k^2 P elements, plus
+//     2 * C_in * C * k^2 P * kh * kw FLOPs, of which all but 1 in k^2 multiply zeros.
+//   gather (here): each output pixel visits about (kh / k + 1) * (kw / k + 1) windows per co (4 for
+//     a 3x3 conv under a 2x2 pool, against 9 dense taps); about kh * kw / k^2 of them select a
+//     position under the filter (9/4), so 2 * C_in * C * P * kh * kw FLOPs: 1/k^2 of dense. U is
+//     never written; the bytes moved are grad and switches (C_out * P * (sizeof(scalar_t) + 1),
+//     re-read from L1/L2 by neighbouring pixels), the weight and the output, once.
+// Per visit the cost is integer work (switch decode, bounds, tap match) plus one weight load and
+// FMA per output channel, so each thread computes kChannelsPerThread output channels of one pixel:
+// the decode is done once for all of them. Threads of a warp are neighbouring x of one row, so they
+// read the same or neighbouring switches and the same few weight taps (cached broadcasts), and write
+// coalesced rows. Overlapping pools (AlexNet's 3x3 stride 2) add up to one unpooled_sum per visit,
+// and each selected position is counted once, at the first window that selects it.
+
+// Output channels per thread (of one group, one pixel). 4 keeps the accumulators in registers and
+// wastes at most 3 of 4 lanes only for groups of fewer than 4 input channels.
+constexpr int kChannelsPerThread = 4;
+
+// Sizes of one fused call, passed to the kernel by value.
+struct FusedShape {
+  int64_t out_channels;              // C_out: grad's channels, weight.size(0)
+  int64_t in_channels_per_group;     // weight.size(1)
+  int64_t groups;
+  int64_t channel_tiles;             // ceil(in_channels_per_group / kChannelsPerThread)
+  int64_t pooled_h, pooled_w;        // grad's spatial size
+  int64_t height, width;             // the pool's input = the conv's output (input_size)
+  int64_t out_h, out_w;              // the deconv's output (output_size)
+
+  // The sizes of a call whose arguments checks::check_unpool_relu_deconv2d has accepted.
+  static FusedShape of(int64_t out_channels, int64_t in_channels_per_group, int64_t groups, int64_t pooled_h,
+                       int64_t pooled_w, int64_t height, int64_t width, int64_t out_h, int64_t out_w) {
+    return FusedShape{out_channels, in_channels_per_group, groups,
+                      geometry::ceil_div(in_channels_per_group, kChannelsPerThread),
+                      pooled_h, pooled_w, height, width, out_h, out_w};
+  }
+
+  // Work items of a batch: one per (n, group, channel tile, output pixel).
+  int64_t work_items(int64_t batch) const { return batch * groups * channel_tiles * out_h * out_w; }
+};
+
+// The work item `index` of [N, groups, channel_tiles, out_h, out_w]: output pixel (y, x) of up to
+// kChannelsPerThread consecutive input channels of one group.
+template <typename scalar_t>
+DECONV_HOST_DEVICE void unpool_relu_deconv2d_element(int64_t index, const scalar_t* grad, const uint8_t* switches,
+                                                     const scalar_t* weight, scalar_t* output,
+                                                     const FusedShape& shape, const Pool2d& pool,
+                                                     const Conv2d& conv) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t x = index % shape.out_w;
+  const int64_t y = (index / shape.out_w) % shape.out_h;
+  int64_t rest = index / (shape.out_w * shape.out_h);
+  const int64_t tile = rest % shape.channel_tiles;
+  rest /= shape.channel_tiles;
+  const int64_t group = rest % shape.groups;
+  const int64_t n = rest / shape.groups;
+
+  const int64_t first_channel = tile * kChannelsPerThread;  // within the group
+  const int64_t channels = std::min<int64_t>(kChannelsPerThread, shape.in_channels_per_group - first_channel);
+  const int64_t out_channels_per_group = shape.out_channels / shape.groups;
+  const int64_t taps_per_filter = conv.kernel_h * conv.kernel_w;
+  const int pool_taps = static_cast<int>(pool.kernel_h * pool.kernel_w);  // <= 256
+  const int pool_kernel_w = static_cast<int>(pool.kernel_w);
+  const bool pool_overlaps = geometry::windows_overlap(pool.kernel_h, pool.stride_h, pool.dilation_h) ||
+                             geometry::windows_overlap(pool.kernel_w, pool.stride_w, pool.dilation_w);
+
+  // The conv-output positions some conv tap maps onto (y, x), clipped to the pool's input, and the
+  // pooled windows whose span reaches them.
+  const geometry::WindowRange conv_rows =
+      geometry::windows_spanning(y, shape.height, conv.kernel_h, conv.stride_h, conv.padding_h, conv.dilation_h);
+  const geometry::WindowRange conv_cols =
+      geometry::windows_spanning(x, shape.width, conv.kernel_w, conv.stride_w, conv.padding_w, conv.dilation_w);
+  acc_t acc[kChannelsPerThread];
+  for (int t = 0; t < kChannelsPerThread; ++t) acc[t] = acc_t(0);
+
+  if (conv_rows.first <= conv_rows.last && conv_cols.first <= conv_cols.last) {
+    const int64_t window_row_first = geometry::windows_spanning(conv_rows.first, shape.pooled_h, pool.kernel_h,
+                                                                pool.stride_h, pool.padding_h, pool.dilation_h)
+                                         .first;
+    const int64_t window_row_last = geometry::windows_spanning(conv_rows.last, shape.pooled_h, pool.kernel_h,
+                                                               pool.stride_h, pool.padding_h, pool.dilation_h)
+                                        .last;
+    const int64_t window_col_first = geometry::windows_spanning(conv_cols.first, shape.pooled_w, pool.kernel_w,
+                                                                pool.stride_w, pool.padding_w, pool.dilation_w)
+                                         .first;
+    const int64_t window_col_last = geometry::windows_spanning(conv_cols.last, shape.pooled_w, pool.kernel_w,
+                                                               pool.stride_w, pool.padding_w, pool.dilation_w)
+                                        .last;
+    const int64_t plane_size = shape.pooled_h * shape.pooled_w;
+
+    for (int64_t co = group * out_channels_per_group; co < (group + 1) * out_channels_per_group; ++co) {
+      const int64_t plane_offset = (n * shape.out_channels + co) * plane_size;
+      const scalar_t* grad_plane = grad + plane_offset;
+      const uint8_t* switch_plane = switches + plane_offset;
+      // weight[co, first_channel + t, :, :] starts at filters + t * taps_per_filter.
+      const scalar_t* filters = weight + (co * shape.in_channels_per_group + first_channel) * taps_per_filter;
+
+      for (int64_t py = window_row_first; py <= window_row_last; ++py) {
+        for (int64_t px = window_col_first; px <= window_col_last; ++px) {
+          const int switch_tap = switch_plane[py * shape.pooled_w + px];
+          if (switch_tap >= pool_taps) continue;  // names no tap
+          const int64_t sy = geometry::position_of(py, switch_tap / pool_kernel_w, pool.stride_h, pool.padding_h,
+                                                   pool.dilation_h);
+          const int64_t sx = geometry::position_of(px, switch_tap % pool_kernel_w, pool.stride_w, pool.padding_w,
+                                                   pool.dilation_w);
+          // Outside the conv-output rows/columns under (y, x); this also rejects positions outside
+          // [0, height) x [0, width), the ranges being clipped to them.
+          if (sy < conv_rows.first || sy > conv_rows.last || sx < conv_cols.first || sx > conv_cols.last) continue;
+          const int64_t cy = geometry::tap_of(y, sy, conv.kernel_h, conv.stride_h, conv.padding_h, conv.dilation_h);
+          const int64_t cx = geometry::tap_of(x, sx, conv.kernel_w, conv.stride_w, conv.padding_w, conv.dilation_w);
+          if (cy == geometry::kNoTap || cx == geometry::kNoTap) continue;  // conv dilation skips (sy, sx)
+
+          acc_t value;
+          if (pool_overlaps) {
+            // (sy, sx) may be selected by several windows: count it once, with all their values.
+            if (!geometry::first_window_selecting(switch_plane, shape.pooled_w, 1, shape.pooled_h, shape.pooled_w,
+                                                  pool, sy, sx, py, px)) {
+              continue;
+            }
+            value = geometry::rectify(geometry::unpooled_sum<scalar_t, acc_t>(
+                grad_plane, switch_plane, shape.pooled_w, 1, shape.pooled_w, 1, shape.pooled_h, shape.pooled_w, pool,
+                sy, sx));
+          } else {
+            value = geometry::rectify(static_cast<acc_t>(grad_plane[py * shape.pooled_w + px]));
+          }
+          const scalar_t* tap = filters + cy * conv.kernel_w + cx;
+          for (int t = 0; t < kChannelsPerThread; ++t) {
+            if (t < channels) acc[t] += static_cast<acc_t>(tap[t * taps_per_filter]) * value;
+          }
+        }
+      }
+    }
+  }
+
+  const int64_t in_channels = shape.in_channels_per_group * shape.groups;
+  const int64_t first_output_channel = group * shape.in_channels_per_group + first_channel;
+  scalar_t* out = output + ((n * in_channels + first_output_channel) * shape.out_h + y) * shape.out_w + x;
+  for (int t = 0; t < kChannelsPerThread; ++t) {
+    if (t < channels) out[t * shape.out_h * shape.out_w] = static_cast<scalar_t>(acc[t]);
+  }
+}
+
+}  // namespace cuda_elements
+}  // namespace deconvcuda
