@@ -10,8 +10,8 @@ from . import ops, reference
 from .engine import project
 from .receptive_field import ReceptiveField, crop_patches, receptive_field
 from .top import TopActivations, top_activations
-from . import models
+from . import data, models
 from .figures import visualize
 
 __all__ = ["ops", "reference", "project", "top_activations", "TopActivations", "receptive_field",
-           "ReceptiveField", "crop_patches", "visualize", "models", "__version__"]
+           "ReceptiveField", "crop_patches", "visualize", "models", "data", "__version__"]

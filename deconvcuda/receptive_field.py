@@ -122,7 +122,13 @@ def _as_boxes(boxes) -> torch.Tensor:
     if isinstance(boxes, torch.Tensor):
         boxes = boxes.to(torch.long)
     else:
-        boxes = torch.tensor([[int(v) for v in box] for box in boxes], dtype=torch.long)
+        # A ragged list ([(0, 0, 2, 2), (0, 0, 2)]) or a non-sequence made torch.tensor / int() fail
+        # with an error that did not name crop_patches nor say what boxes must be.
+        try:
+            boxes = torch.tensor([[int(v) for v in box] for box in boxes], dtype=torch.long)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"crop_patches: boxes must be [P, 4] rows of (top, left, bottom, right), got "
+                             f"{type(boxes).__name__} ({error})") from None
     if boxes.numel() == 0:
         return boxes.reshape(0, 4)
     if boxes.dim() != 2 or boxes.shape[1] != 4:

@@ -90,7 +90,7 @@ def top_activations(model: nn.Module, data, layer, k: int = 9, *, batch_size: in
     values = image_index = ys = xs = None  # the running top-k, [C, <= k] each
     input_shape = None
     bar = tqdm(total=batches.count_images(data), desc=f"top-{k} {plan.layer}", unit="image", disable=not progress)
-    with torch.inference_mode(False), torch.no_grad():
+    with bar, torch.inference_mode(False), torch.no_grad():  # the bar closes on errors too
         for first, images in batches.iter_batches(data, batch_size, caller):
             if not images.is_floating_point():
                 raise TypeError(f"{caller}: images must be floating point (the model's input), got {images.dtype}")
@@ -103,18 +103,26 @@ def top_activations(model: nn.Module, data, layer, k: int = 9, *, batch_size: in
                                  f"{list(images.shape[1:])}")
             images = images.to(device, non_blocking=True)
             output = run_forward(plan, images).output
-            batch_values, batch_y, batch_x = _image_maxima(output)
+            batch_values, batch_y, batch_x, unranked = _image_maxima(output)
             batch_index = torch.arange(first, first + images.shape[0], device=device).expand_as(batch_values)
+            # A map that is NaN everywhere has no activation to rank ("NaN activations are never
+            # ranked"): it enters as a missing entry (index -1, y = x = -1, value -inf), not as the
+            # NaN at (0, 0) under the value -inf.
+            batch_index = batch_index.masked_fill(unranked, -1)
+            batch_y, batch_x = batch_y.masked_fill(unranked, -1), batch_x.masked_fill(unranked, -1)
             if values is None:
                 values, image_index, ys, xs = batch_values, batch_index, batch_y, batch_x
             else:
                 values, image_index, ys, xs = (torch.cat(pair, dim=1) for pair in (
                     (values, batch_values), (image_index, batch_index), (ys, batch_y), (xs, batch_x)))
             # Earlier images come first in the concatenation, so a stable sort keeps them first on ties.
-            order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
+            order = torch.sort(values, dim=1, descending=True, stable=True).indices
+            values, image_index, ys, xs = (t.gather(1, order) for t in (values, image_index, ys, xs))
+            # Missing entries (value -inf) go after every ranked one, a genuine -inf included: a
+            # second stable sort, by "missing", keeps the value order within each group.
+            order = torch.sort((image_index < 0).to(torch.uint8), dim=1, stable=True).indices[:, :k]
             values, image_index, ys, xs = (t.gather(1, order) for t in (values, image_index, ys, xs))
             bar.update(images.shape[0])
-    bar.close()
     if values is None:
         raise ValueError(f"{caller}: data holds no images")
     missing = k - values.shape[1]
@@ -126,13 +134,17 @@ def top_activations(model: nn.Module, data, layer, k: int = 9, *, batch_size: in
 
 
 def _image_maxima(output: torch.Tensor):
-    """Per channel and image: the strongest activation and where it is, each [C, B]. NaN counts
-    as -inf, so it is never ranked; a map's first maximum in row-major order wins."""
+    """Per channel and image: the strongest activation and where it is, each [C, B], and a bool
+    [C, B] that is True where the map is NaN everywhere (nothing to rank). NaN counts as -inf, so
+    it is never ranked; a map's first maximum in row-major order wins."""
+    nan = torch.isnan(output)
     output = output.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     if output.dim() == 2:  # flat [B, F]: the unit itself, at (0, 0)
         values = output.t().contiguous()
         zeros = torch.zeros_like(values, dtype=torch.long)
-        return values, zeros, zeros
+        return values, zeros, zeros, nan.t().contiguous()
     width = output.shape[3]
     values, flat = output.flatten(2).max(dim=2)  # [B, C]
-    return values.t().contiguous(), (flat // width).t().contiguous(), (flat % width).t().contiguous()
+    unranked = nan.flatten(2).all(dim=2).t().contiguous()
+    return (values.t().contiguous(), (flat // width).t().contiguous(), (flat % width).t().contiguous(),
+            unranked)
