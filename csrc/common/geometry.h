@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define DECONV_HOST_DEVICE __host__ __device__ __forceinline__
@@ -126,6 +127,37 @@ struct Conv2d {
   int64_t padding_h, padding_w;
   int64_t dilation_h, dilation_w;
 };
+
+// The maximum of pooled window (py, px) of one [height, width] plane and its switch, the window-local
+// tap ky * kernel_w + kx, by PyTorch's max_pool2d rule: start from the first tap at a position >= 0
+// with value -inf, and take a tap when `value > max || isnan(value)`, in row-major window order. So
+// the first maximum wins ties and a later NaN replaces an earlier one. A window that dilation puts
+// wholly in the padding keeps -inf and its first tap, as in PyTorch. The tap is < 256: the first
+// tap at a position >= 0 is at most padding <= kernel / 2 (checks.h), and kernel_h * kernel_w <= 256.
+template <typename acc_t>
+struct WindowMax {
+  acc_t value;
+  int64_t tap;
+};
+
+template <typename scalar_t, typename acc_t>
+DECONV_HOST_DEVICE WindowMax<acc_t> window_max(const scalar_t* plane, int64_t height, int64_t width,
+                                               const Pool2d& pool, int64_t py, int64_t px) {
+  const TapRange rows = taps_inside(py, height, pool.kernel_h, pool.stride_h, pool.padding_h, pool.dilation_h);
+  const TapRange cols = taps_inside(px, width, pool.kernel_w, pool.stride_w, pool.padding_w, pool.dilation_w);
+  WindowMax<acc_t> best{-std::numeric_limits<acc_t>::infinity(), rows.first * pool.kernel_w + cols.first};
+  for (int64_t ky = rows.first; ky < rows.end; ++ky) {
+    const int64_t y = position_of(py, ky, pool.stride_h, pool.padding_h, pool.dilation_h);
+    for (int64_t kx = cols.first; kx < cols.end; ++kx) {
+      const int64_t x = position_of(px, kx, pool.stride_w, pool.padding_w, pool.dilation_w);
+      const acc_t value = static_cast<acc_t>(plane[y * width + x]);
+      if (value > best.value || value != value) {  // value != value: NaN, without <cmath> on the device
+        best = WindowMax<acc_t>{value, ky * pool.kernel_w + kx};
+      }
+    }
+  }
+  return best;
+}
 
 // The value that unpooling routes to input position (y, x) of one channel, before the ReLU: the sum
 // of every pooled value whose window's switch points at (y, x). Windows overlap only where the pool

@@ -22,8 +22,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
 #include <memory>
 #include <tuple>
 #include <type_traits>
@@ -50,9 +48,8 @@ int64_t grain_for(int64_t work_per_item) {
 // max_pool2d_switches
 // --------------------------------------------------------------------------------------------- //
 
-// One thread per run of (n, c) planes. PyTorch's rule, step by step: the maximum starts at -inf
-// with the switch on the window's first in-bounds tap; a tap replaces it when it is greater or NaN.
-// So ties keep the first maximum in row-major order, and the last NaN wins, as in max_pool2d.
+// One thread per run of (n, c) planes; each window by geometry::window_max, the CUDA kernel's rule
+// for ties and NaN (PyTorch's).
 template <typename scalar_t>
 void max_pool2d_switches_kernel(const scalar_t* input, scalar_t* output, uint8_t* switches, int64_t planes,
                                 int64_t input_h, int64_t input_w, int64_t output_h, int64_t output_w,
@@ -65,27 +62,10 @@ void max_pool2d_switches_kernel(const scalar_t* input, scalar_t* output, uint8_t
       scalar_t* out = output + plane * output_h * output_w;
       uint8_t* switch_out = switches + plane * output_h * output_w;
       for (int64_t oy = 0; oy < output_h; ++oy) {
-        const auto rows = geometry::taps_inside(oy, input_h, pool.kernel_h, pool.stride_h, pool.padding_h,
-                                                pool.dilation_h);
         for (int64_t ox = 0; ox < output_w; ++ox) {
-          const auto cols = geometry::taps_inside(ox, input_w, pool.kernel_w, pool.stride_w, pool.padding_w,
-                                                  pool.dilation_w);
-          acc_t max_value = -std::numeric_limits<acc_t>::infinity();
-          int64_t best_tap = rows.first * pool.kernel_w + cols.first;
-          for (int64_t ky = rows.first; ky < rows.end; ++ky) {
-            const int64_t y = geometry::position_of(oy, ky, pool.stride_h, pool.padding_h, pool.dilation_h);
-            for (int64_t kx = cols.first; kx < cols.end; ++kx) {
-              const int64_t x = geometry::position_of(ox, kx, pool.stride_w, pool.padding_w, pool.dilation_w);
-              const acc_t value = static_cast<acc_t>(in[y * input_w + x]);
-              if (value > max_value || std::isnan(value)) {
-                max_value = value;
-                best_tap = ky * pool.kernel_w + kx;
-              }
-            }
-          }
-          out[oy * output_w + ox] = static_cast<scalar_t>(max_value);
-          // best_tap < kernel_h * kernel_w <= 256, checked by checks::pool_geometry.
-          switch_out[oy * output_w + ox] = static_cast<uint8_t>(best_tap);
+          const auto best = geometry::window_max<scalar_t, acc_t>(in, input_h, input_w, pool, oy, ox);
+          out[oy * output_w + ox] = static_cast<scalar_t>(best.value);
+          switch_out[oy * output_w + ox] = static_cast<uint8_t>(best.tap);
         }
       }
     }

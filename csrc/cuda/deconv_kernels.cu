@@ -24,7 +24,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <tuple>
 
 #include "common/checks.h"

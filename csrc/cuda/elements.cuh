@@ -8,12 +8,10 @@
 // Only headers that compile for the host and the device are included here.
 #pragma once
 
-#include <ATen/NumericUtils.h>
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 
 #include "common/geometry.h"
 
@@ -27,43 +25,19 @@ using geometry::Pool2d;
 // max_pool2d_switches
 // --------------------------------------------------------------------------------------------- //
 
-// One pooled output (n, c, py, px) = `index` of the [N, C, pooled_h, pooled_w] output. PyTorch's
-// max_pool2d rule: start from the first tap at a position >= 0 with value -inf, and take a tap when
-// `val > maxval || isnan(val)`, in row-major window order: the first maximum wins ties, a later NaN
-// replaces an earlier one. The output is maxval itself, which is the input at the switch whenever
-// the window has an in-bounds tap (and -inf for a window that dilation puts wholly in the padding,
-// as in PyTorch).
+// One pooled output (n, c, py, px) = `index` of the [N, C, pooled_h, pooled_w] output and its switch
+// (geometry::window_max: PyTorch's rule for ties and NaN).
 template <typename scalar_t>
 DECONV_HOST_DEVICE void max_pool2d_switches_element(int64_t index, const scalar_t* input, scalar_t* output,
                                                     uint8_t* switches, int64_t height, int64_t width,
                                                     int64_t pooled_h, int64_t pooled_w, const Pool2d& pool) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int64_t px = index % pooled_w;
   const int64_t py = (index / pooled_w) % pooled_h;
   const int64_t plane = index / (pooled_w * pooled_h);
-  const scalar_t* input_plane = input + plane * height * width;
-
-  const geometry::TapRange rows =
-      geometry::taps_inside(py, height, pool.kernel_h, pool.stride_h, pool.padding_h, pool.dilation_h);
-  const geometry::TapRange cols =
-      geometry::taps_inside(px, width, pool.kernel_w, pool.stride_w, pool.padding_w, pool.dilation_w);
-  acc_t maxval = -std::numeric_limits<acc_t>::infinity();
-  int64_t switch_tap = rows.first * pool.kernel_w + cols.first;
-  for (int64_t ky = rows.first; ky < rows.end; ++ky) {
-    const int64_t y = geometry::position_of(py, ky, pool.stride_h, pool.padding_h, pool.dilation_h);
-    for (int64_t kx = cols.first; kx < cols.end; ++kx) {
-      const int64_t x = geometry::position_of(px, kx, pool.stride_w, pool.padding_w, pool.dilation_w);
-      const acc_t value = static_cast<acc_t>(input_plane[y * width + x]);
-      if (value > maxval || at::_isnan(value)) {
-        maxval = value;
-        switch_tap = ky * pool.kernel_w + kx;
-      }
-    }
-  }
-  output[index] = static_cast<scalar_t>(maxval);
-  // < 256: the first tap at a position >= 0 is at most padding <= kernel / 2 (checks.h), and
-  // kernel_h * kernel_w <= 256.
-  switches[index] = static_cast<uint8_t>(switch_tap);
+  const auto best = geometry::window_max<scalar_t, at::opmath_type<scalar_t>>(input + plane * height * width,
+                                                                               height, width, pool, py, px);
+  output[index] = static_cast<scalar_t>(best.value);
+  switches[index] = static_cast<uint8_t>(best.tap);
 }
 
 // --------------------------------------------------------------------------------------------- //
