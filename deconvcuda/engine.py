@@ -119,7 +119,7 @@ def run_forward(plan: plans.Plan, images: torch.Tensor, kernels: Optional[_Kerne
         elif isinstance(step, plans.LocalResponseNorm):
             if keep_lrn_inputs:
                 keep = _channels_last_rows(x)
-            x = F.local_response_norm(x, step.size, step.alpha, step.beta, step.k)
+            x = _local_response_norm(x, step)
         elif isinstance(step, plans.BatchNorm):
             x = F.batch_norm(x, _cast(step.running_mean, x), _cast(step.running_var, x), _cast(step.weight, x),
                              _cast(step.bias, x), False, 0.0, step.eps)
@@ -136,6 +136,14 @@ def run_forward(plan: plans.Plan, images: torch.Tensor, kernels: Optional[_Kerne
             raise TypeError(f"run_forward: unknown step {step!r}")
         saved.append(keep)
     return _Forward(x, saved)
+
+
+def _local_response_norm(x: torch.Tensor, step: plans.LocalResponseNorm) -> torch.Tensor:
+    """F.local_response_norm computed in float32 (or wider) and rounded back to ``x``'s dtype:
+    PyTorch's LRN (avg_pool3d) has no float16/bfloat16 kernel on the CPU, so half-precision images
+    failed there; float32 is also what the kernels accumulate half precision in."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    return F.local_response_norm(x.to(wide), step.size, step.alpha, step.beta, step.k).to(x.dtype)
 
 
 def _channels_last_rows(t: torch.Tensor) -> torch.Tensor:
@@ -278,11 +286,13 @@ class _LocalResponseNorm(_Reverse):
         self.step, self.saved = step, saved
 
     def _gradient(self, x, g):
+        # in float32 or wider, like the forward (_local_response_norm): no half-precision CPU kernel
+        wide = torch.promote_types(g.dtype, torch.float32)
         with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
+            x = x.detach().to(wide).requires_grad_(True)
             y = F.local_response_norm(x, self.step.size, self.step.alpha, self.step.beta, self.step.k)
-            (grad,) = torch.autograd.grad(y, x, g)
-        return grad
+            (grad,) = torch.autograd.grad(y, x, g.to(wide))
+        return grad.to(g.dtype)
 
     def full(self, g, images):
         return self._gradient(_rows(self.saved, images), g)
@@ -596,11 +606,12 @@ class _Selection:
 
 
 def _check_neurons(neurons, n_images: int, target_shape, caller: str) -> torch.Tensor:
-    if not isinstance(neurons, torch.Tensor) or neurons.dtype != torch.long or neurons.dim() != 2 \
-            or neurons.shape[1] != 4:
-        got = (f"{neurons.dtype} tensor of shape {list(neurons.shape)}" if isinstance(neurons, torch.Tensor)
-               else type(neurons).__name__)
-        raise DtypeError(f"{caller}: neurons must be a LongTensor [P, 4] of (image, channel, y, x) rows, got {got}")
+    expected = f"{caller}: neurons must be a LongTensor [P, 4] of (image, channel, y, x) rows"
+    if not isinstance(neurons, torch.Tensor) or neurons.dtype != torch.long:
+        got = (f"a {neurons.dtype} tensor" if isinstance(neurons, torch.Tensor) else type(neurons).__name__)
+        raise DtypeError(f"{expected}, got {got}")
+    if neurons.dim() != 2 or neurons.shape[1] != 4:
+        raise ValueError(f"{expected}, got shape {list(neurons.shape)}")
     if neurons.shape[0] == 0:
         return neurons
     flat = len(target_shape) == 1

@@ -99,9 +99,12 @@ def unpool_relu_deconv2d(grad: torch.Tensor, switches: torch.Tensor, weight: tor
 
 
 def project(model, images, layer, channel=None, position=None, neurons=None, *, seed="value", lrn="gradient",
-            **options):
-    """``deconvcuda.project`` computed with the ops above: full-size maps, layer by layer."""
-    from .engine import project as _project
+            backend="reference"):
+    """``deconvcuda.project`` computed with the ops above: full-size maps, layer by layer, torch ops
+    only. Same signature; ``backend`` is checked as ``project`` checks it, and the reference ops run
+    whatever it says (use ``deconvcuda.project`` for the native kernels)."""
+    from .engine import BACKENDS, project as _project
 
-    return _project(model, images, layer, channel, position, neurons, seed=seed, lrn=lrn, backend="reference",
-                    **options)
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"project: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    return _project(model, images, layer, channel, position, neurons, seed=seed, lrn=lrn, backend="reference")
