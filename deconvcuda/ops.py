@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.deconvcuda)
+from .geometry import deconv_min_output_size, pool_output_size
 
 IntPair = Union[int, Sequence[int]]
 
@@ -51,8 +52,8 @@ def _spatial_size(op: str, name: str, value) -> Tuple[int, int]:
 def _default_output_size(op: str, input_hw, weight: torch.Tensor, stride, padding, dilation):
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         return (1, 1)  # the operator reports the bad weight itself
-    return tuple(
-        (input_hw[i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1 for i in range(2))
+    return tuple(deconv_min_output_size(input_hw[i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
+                 for i in range(2))
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -159,14 +160,6 @@ def _check_switches(op, switches, grad):
           f"{op}: switches must have the shape of grad {list(grad.shape)}, got {list(switches.shape)}")
 
 
-def _pool_output_size(size, kernel, stride, padding, dilation, ceil_mode):
-    span = size + 2 * padding - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
-    out = span // stride + 1
-    if ceil_mode and (out - 1) * stride >= size + padding:
-        out -= 1
-    return out
-
-
 def _check_pool(op, kernel_size, stride, padding, dilation):
     _check_positive(op, "kernel_size", kernel_size)
     _check_positive(op, "stride", stride)
@@ -182,9 +175,9 @@ def _check_pool(op, kernel_size, stride, padding, dilation):
 def _check_input_size_pools_to(op, input_size, grad, kernel_size, stride, padding, dilation):
     _check_positive(op, "input_size", input_size)
     for axis in range(2):
-        floor_size = _pool_output_size(input_size[axis], kernel_size[axis], stride[axis], padding[axis],
+        floor_size = pool_output_size(input_size[axis], kernel_size[axis], stride[axis], padding[axis],
                                        dilation[axis], False)
-        ceil_size = _pool_output_size(input_size[axis], kernel_size[axis], stride[axis], padding[axis],
+        ceil_size = pool_output_size(input_size[axis], kernel_size[axis], stride[axis], padding[axis],
                                       dilation[axis], True)
         pooled = grad.shape[2 + axis]
         _fail(pooled == floor_size or pooled == ceil_size,
@@ -211,8 +204,8 @@ def _check_deconv_weight_and_size(op, input_name, input, weight, input_hw, strid
     _check_positive(op, names[2], dilation)
     _check_positive(op, "output_size", output_size)
     for axis in range(2):
-        smallest = ((input_hw[axis] - 1) * stride[axis] - 2 * padding[axis]
-                    + dilation[axis] * (weight.shape[2 + axis] - 1) + 1)
+        smallest = deconv_min_output_size(input_hw[axis], weight.shape[2 + axis], stride[axis], padding[axis],
+                                          dilation[axis])
         _fail(smallest <= output_size[axis] <= smallest + stride[axis] - 1 and output_size[axis] >= 1,
               f"{op}: output_size {list(output_size)} cannot be reached along dim {axis + 2}: a transposed conv "
               f"of {input_hw[axis]} positions gives {smallest} to {smallest + stride[axis] - 1}")
@@ -225,7 +218,7 @@ def _(input, kernel_size, stride, padding, dilation, ceil_mode):
     _check_4d(op, "input", input)
     _check_floating(op, "input", input)
     _check_pool(op, kernel_size, stride, padding, dilation)
-    out_h, out_w = (_pool_output_size(input.shape[2 + i], kernel_size[i], stride[i], padding[i], dilation[i],
+    out_h, out_w = (pool_output_size(input.shape[2 + i], kernel_size[i], stride[i], padding[i], dilation[i],
                                       ceil_mode) for i in range(2))
     _fail(out_h >= 1 and out_w >= 1,
           f"{op}: input of spatial size {list(input.shape[2:])} is too small for kernel_size {list(kernel_size)}, "

@@ -24,6 +24,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .geometry import conv_output_size, pool_output_size
+
 __all__ = [
     "Plan", "Step", "Conv", "ReLU", "MaxPool", "LocalResponseNorm", "BatchNorm", "AvgPool", "AdaptiveAvgPool",
     "Flatten", "Linear", "SUPPORTED", "build_plan", "resolve_layer",
@@ -44,17 +46,15 @@ def _pair(value) -> Pair:
     return (value[0], value[0]) if len(value) == 1 else (value[0], value[1])
 
 
-def _pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
-    """PyTorch's pooling_output_shape (csrc/common/geometry.h has the same for the kernels)."""
-    span = size + 2 * padding - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
-    out = span // stride + 1
-    if ceil_mode and (out - 1) * stride >= size + padding:
-        out -= 1
-    return out
-
-
-def _conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+def _pooled_shape(step: "Step", shape: Shape, dilation: Pair) -> Shape:
+    """The output shape of a max or average pool ``step`` (kernel_size, stride, padding, ceil_mode)."""
+    step._need_spatial(shape)
+    size = tuple(pool_output_size(shape[1 + i], step.kernel_size[i], step.stride[i], step.padding[i], dilation[i],
+                                   step.ceil_mode) for i in range(2))
+    if min(size) < 1:
+        raise ValueError(f"{step.describe()}: its input of spatial size {list(shape[1:])} is smaller than its "
+                         f"window {list(step.kernel_size)}")
+    return (shape[0],) + size
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -106,7 +106,7 @@ class Conv(Step):
         self._need_spatial(shape)
         if shape[0] != self.in_channels:
             raise ValueError(f"{self.describe()} expects {self.in_channels} input channels, got {shape[0]}")
-        size = tuple(_conv_output_size(shape[1 + i], self.kernel_size[i], self.stride[i], self.padding[i],
+        size = tuple(conv_output_size(shape[1 + i], self.kernel_size[i], self.stride[i], self.padding[i],
                                        self.dilation[i]) for i in range(2))
         if min(size) < 1:
             raise ValueError(f"{self.describe()}: its input of spatial size {list(shape[1:])} is smaller than its "
@@ -131,13 +131,7 @@ class MaxPool(Step):
     kind = "MaxPool2d"
 
     def output_shape(self, shape):
-        self._need_spatial(shape)
-        size = tuple(_pool_output_size(shape[1 + i], self.kernel_size[i], self.stride[i], self.padding[i],
-                                       self.dilation[i], self.ceil_mode) for i in range(2))
-        if min(size) < 1:
-            raise ValueError(f"{self.describe()}: its input of spatial size {list(shape[1:])} is smaller than its "
-                             f"window {list(self.kernel_size)}")
-        return (shape[0],) + size
+        return _pooled_shape(self, shape, self.dilation)
 
 
 @dataclass(eq=False)
@@ -183,13 +177,7 @@ class AvgPool(Step):
     kind = "AvgPool2d"
 
     def output_shape(self, shape):
-        self._need_spatial(shape)
-        size = tuple(_pool_output_size(shape[1 + i], self.kernel_size[i], self.stride[i], self.padding[i], 1,
-                                       self.ceil_mode) for i in range(2))
-        if min(size) < 1:
-            raise ValueError(f"{self.describe()}: its input of spatial size {list(shape[1:])} is smaller than its "
-                             f"window {list(self.kernel_size)}")
-        return (shape[0],) + size
+        return _pooled_shape(self, shape, (1, 1))
 
 
 @dataclass(eq=False)

