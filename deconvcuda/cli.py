@@ -139,25 +139,12 @@ def _device(name: Optional[str]) -> torch.device:
     return device
 
 
-def _layer_channels(model: torch.nn.Module, sample: torch.Tensor, layers: Sequence[str]) -> dict:
-    """Each layer's channel count, from one forward pass on one image with temporary hooks."""
-    modules = dict(model.named_modules())
-    counts = {}
+def _layer_channels(model: torch.nn.Module, image_shape: Sequence[int], layers: Sequence[str]) -> dict:
+    """Each layer's channel count (units for a flat layer), from the plan's shapes: nothing is run."""
+    from .plan import build_plan
 
-    def hook(name):
-        def record(module, inputs, output):
-            if isinstance(output, torch.Tensor) and output.dim() >= 2:
-                counts[name] = output.shape[1]
-        return record
-
-    handles = [modules[name].register_forward_hook(hook(name)) for name in layers]
-    try:
-        with torch.no_grad():
-            model(sample)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return counts
+    return {layer: build_plan(model, layer, caller=f"{PROG} visualize").shapes(image_shape)[-1][0]
+            for layer in layers}
 
 
 def _check_layers(model: torch.nn.Module, layers: Sequence[str]) -> None:
@@ -207,9 +194,9 @@ def visualize_command(args) -> int:
     images = _load_images(args, args.image_size)
     inputs = model.preprocessing.to_model(images.images)
     if args.channels is not None:
-        counts = _layer_channels(model, inputs[:1].to(device), layers)
+        counts = _layer_channels(model, inputs.shape[1:], layers)
         for layer in layers:
-            bad = [c for c in args.channels if layer in counts and c >= counts[layer]]
+            bad = [c for c in args.channels if c >= counts[layer]]
             if bad:
                 raise UsageError(f"--channels: layer {layer} has {counts[layer]} channels (0..{counts[layer] - 1}), "
                                  f"so {', '.join(map(str, bad[:10]))} do not exist")
