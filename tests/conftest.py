@@ -14,6 +14,7 @@ from typing import Optional
 
 import pytest
 import torch
+from torch import nn
 
 CUDA_AVAILABLE = torch.cuda.is_available()
 
@@ -189,3 +190,30 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, msg: str 
         bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
         actual, expected = actual.contiguous().view(bits), expected.contiguous().view(bits)
     assert torch.equal(actual.cpu(), expected.cpu()), f"{msg}: results differ bit for bit"
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: nothing after the layer needs to run."""
+
+
+def forward_to_layer(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
+    """The output of ``layer`` (a name from named_modules(); "" for the whole model), capturing it
+    with a forward hook that stops the forward right there, so that no later in-place op (an
+    inplace ReLU after a conv) can change it. The hook is removed again."""
+    if layer == "":
+        return model(x)
+    captured = []
+
+    def capture(module, inputs, output):
+        captured.append(output)
+        raise _Stop
+
+    handle = model.get_submodule(layer).register_forward_hook(capture)
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    assert len(captured) == 1, f"layer {layer!r} was not called"
+    return captured[0]

@@ -31,7 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from conftest import (DEVICES, FLOAT_DTYPES, assert_bitwise_equal, assert_close_to_oracle, case_rng, dtype_id,
-                      random_tensor, torch_generator)
+                      forward_to_layer, random_tensor, torch_generator)
 import deconvcuda
 from deconvcuda import engine, reference
 
@@ -97,31 +97,6 @@ class _DeconvMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _Stop(Exception):
-    """Raised by the capture hook: nothing after the layer needs to run."""
-
-
-def forward_to_layer(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
-    """The output of ``layer`` (a name from named_modules(); "" for the whole model), capturing it
-    with a forward hook that stops the forward right there, so that no later in-place op (an
-    inplace ReLU after a conv) can change it. The hook is removed again."""
-    if layer == "":
-        return model(x)
-    captured = []
-
-    def capture(module, inputs, output):
-        captured.append(output)
-        raise _Stop
-
-    handle = model.get_submodule(layer).register_forward_hook(capture)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    assert len(captured) == 1, f"layer {layer!r} was not called"
-    return captured[0]
 
 
 def seed_map(out: torch.Tensor, channel=None, position=None, neurons=None, seed: str = "value") -> torch.Tensor:

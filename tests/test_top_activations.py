@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import deconvcuda
-from conftest import DEVICES
+from conftest import DEVICES, forward_to_layer
 from deconvcuda import batches
 
 pytestmark = pytest.mark.parametrize("device", DEVICES)
@@ -121,30 +121,11 @@ def images_for(name: str, count: int, seed: int, dtype=torch.float32) -> torch.T
 # The oracle
 # --------------------------------------------------------------------------------------------- #
 
-class _StopForward(Exception):
-    """Raised by the capturing hook: nothing after the layer needs to run."""
-
-
 def layer_output(model: nn.Module, images: torch.Tensor, layer: str) -> torch.Tensor:
     """The output of module ``layer`` when ``model`` itself runs on ``images`` (in whatever mode the
-    model is in). The hook clones it: an in-place ReLU after a conv would otherwise overwrite the
-    conv's output. The hook is removed again before returning."""
-    captured = []
-
-    def hook(module, inputs, output):
-        captured.append(output.detach().clone())
-        raise _StopForward
-
-    handle = dict(model.named_modules())[layer].register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            model(images)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    assert len(captured) == 1, f"layer {layer} never ran"
-    return captured[0]
+    model is in), without autograd."""
+    with torch.no_grad():
+        return forward_to_layer(model, images, layer).detach()
 
 
 def brute_force_top(activations: torch.Tensor, k: int) -> Dict[str, torch.Tensor]:
