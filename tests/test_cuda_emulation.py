@@ -16,10 +16,10 @@ import shutil
 import pytest
 import torch
 
-from conftest import FLOAT_DTYPES, assert_bitwise_equal, assert_close_to_oracle, dtype_id
+from conftest import FLOAT_DTYPES, dtype_id
 from deconvcuda import reference
-from test_ops import (FUSED_CASES, POOL_CASES, _ids, conv_input_gradient, fused_args, fused_inputs, pool_inputs,
-                      pool_with_autograd, switches_from_indices, unpool_relu_truth)
+from test_ops import (FUSED_CASES, POOL_CASES, _ids, check_max_pool2d_switches, check_unpool_relu,
+                      check_unpool_relu_deconv2d)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -42,43 +42,25 @@ def emulated():
     return torch.ops.deconvcuda_cuda_emulation
 
 
+# The same checks as test_ops.py's (against max_pool2d_with_indices, the reference and autograd),
+# with the emulated CUDA element functions as the op under test.
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", POOL_CASES, ids=_ids(POOL_CASES))
 def test_max_pool2d_switches_element(emulated, dtype, case):
-    x, _ = pool_inputs(case, dtype, "cpu", "max_pool2d_switches")
-    p = case.pool
-    out, switches = emulated.max_pool2d_switches(x, *p.args(), p.ceil_mode)
-    torch_out, torch_indices = torch.nn.functional.max_pool2d_with_indices(x, *p.args(), ceil_mode=p.ceil_mode)
-    assert_bitwise_equal(out, torch_out, "output vs max_pool2d_with_indices")
-    assert_bitwise_equal(switches, switches_from_indices(torch_indices, case.size[1], *p.args()),
-                         "switches vs max_pool2d_with_indices")
+    check_max_pool2d_switches(emulated.max_pool2d_switches, "cpu", dtype, case)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", POOL_CASES, ids=_ids(POOL_CASES))
 def test_unpool_relu_element(emulated, dtype, case):
-    x, grad = pool_inputs(case, dtype, "cpu", "unpool_relu")
-    p = case.pool
-    x64, out64, switches = pool_with_autograd(x, p)
-    result = emulated.unpool_relu(grad, switches, case.size, *p.args())
-    expected = reference.unpool_relu(grad, switches, case.size, *p.args())
-    truth = unpool_relu_truth(x64, out64, grad)
-    magnitude = unpool_relu_truth(x64, out64, grad.abs())
-    assert_close_to_oracle(result, expected, truth, magnitude=magnitude, msg=f"emulated unpool_relu {case}")
+    check_unpool_relu(emulated.unpool_relu, "cpu", dtype, case)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", FUSED_CASES, ids=_ids(FUSED_CASES))
 def test_unpool_relu_deconv2d_element(emulated, dtype, case):
-    pre_pool, grad, weight, pool_input = fused_inputs(case, dtype, "cpu", "unpool_relu_deconv2d")
-    x64, out64, switches = pool_with_autograd(pre_pool, case.pool)
-    args = fused_args(case, pool_input)
-    result = emulated.unpool_relu_deconv2d(grad, switches, weight, *args)
-    expected = reference.unpool_relu_deconv2d(grad, switches, weight, *args)
-    truth = conv_input_gradient(unpool_relu_truth(x64, out64, grad), weight, case.size, case.conv)
-    magnitude = conv_input_gradient(unpool_relu_truth(x64, out64, grad.abs()), weight.abs(), case.size, case.conv)
-    assert_close_to_oracle(result, expected, truth, magnitude=magnitude,
-                           msg=f"emulated unpool_relu_deconv2d {case}")
+    check_unpool_relu_deconv2d(emulated.unpool_relu_deconv2d, "cpu", dtype, case)
 
 
 def test_arbitrary_switches_stay_inside(emulated):

@@ -327,12 +327,13 @@ def fused_args(case: FusedCase, pool_input):
 # Each op against the reference and autograd, every dtype
 # --------------------------------------------------------------------------------------------- #
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("case", POOL_CASES, ids=_ids(POOL_CASES))
-def test_max_pool2d_switches(device, dtype, case):
+# Each check takes the op under test as its first argument, so that tests/test_cuda_emulation.py
+# runs the same checks on the CUDA kernels' element functions executed on the host.
+
+def check_max_pool2d_switches(max_pool2d_switches, device, dtype, case):
     x, _ = pool_inputs(case, dtype, device, "max_pool2d_switches")
     p = case.pool
-    out, switches = ops.max_pool2d_switches(x, *p.args(), ceil_mode=p.ceil_mode)
+    out, switches = max_pool2d_switches(x, *p.args(), ceil_mode=p.ceil_mode)
     ref_out, ref_switches = reference.max_pool2d_switches(x, *p.args(), ceil_mode=p.ceil_mode)
     torch_out, torch_indices = F.max_pool2d_with_indices(x, *p.args(), ceil_mode=p.ceil_mode)
     expected_switches = switches_from_indices(torch_indices, case.size[1], *p.args())
@@ -346,18 +347,41 @@ def test_max_pool2d_switches(device, dtype, case):
     assert_bitwise_equal(switches, ref_switches, "switches vs reference")
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("case", POOL_CASES, ids=_ids(POOL_CASES))
-def test_unpool_relu(device, dtype, case):
+def check_unpool_relu(unpool_relu, device, dtype, case):
     x, grad = pool_inputs(case, dtype, device, "unpool_relu")
     p = case.pool
     x64, out64, switches = pool_with_autograd(x, p)
-    result = ops.unpool_relu(grad, switches, case.size, *p.args())
+    result = unpool_relu(grad, switches, case.size, *p.args())
     expected = reference.unpool_relu(grad, switches, case.size, *p.args())
     truth = unpool_relu_truth(x64, out64, grad)
     magnitude = unpool_relu_truth(x64, out64, grad.abs())  # sum of |terms|: the scale of rounding errors
     assert result.shape == (case.n, case.c, *case.size)
     assert_close_to_oracle(result, expected, truth, magnitude=magnitude, msg=f"unpool_relu {case}")
+
+
+def check_unpool_relu_deconv2d(unpool_relu_deconv2d, device, dtype, case):
+    pre_pool, grad, weight, pool_input = fused_inputs(case, dtype, device, "unpool_relu_deconv2d")
+    x64, out64, switches = pool_with_autograd(pre_pool, case.pool)
+    args = fused_args(case, pool_input)
+    result = unpool_relu_deconv2d(grad, switches, weight, *args)
+    expected = reference.unpool_relu_deconv2d(grad, switches, weight, *args)
+    # autograd, chained: relu(max_pool2d's backward), then conv2d's input-gradient
+    truth = conv_input_gradient(unpool_relu_truth(x64, out64, grad), weight, case.size, case.conv)
+    magnitude = conv_input_gradient(unpool_relu_truth(x64, out64, grad.abs()), weight.abs(), case.size, case.conv)
+    assert result.shape == (case.n, case.c_in, *case.size)
+    assert_close_to_oracle(result, expected, truth, magnitude=magnitude, msg=f"unpool_relu_deconv2d {case}")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", POOL_CASES, ids=_ids(POOL_CASES))
+def test_max_pool2d_switches(device, dtype, case):
+    check_max_pool2d_switches(ops.max_pool2d_switches, device, dtype, case)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", POOL_CASES, ids=_ids(POOL_CASES))
+def test_unpool_relu(device, dtype, case):
+    check_unpool_relu(ops.unpool_relu, device, dtype, case)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
@@ -385,16 +409,7 @@ def test_deconv2d(device, dtype, case):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", FUSED_CASES, ids=_ids(FUSED_CASES))
 def test_unpool_relu_deconv2d(device, dtype, case):
-    pre_pool, grad, weight, pool_input = fused_inputs(case, dtype, device, "unpool_relu_deconv2d")
-    x64, out64, switches = pool_with_autograd(pre_pool, case.pool)
-    args = fused_args(case, pool_input)
-    result = ops.unpool_relu_deconv2d(grad, switches, weight, *args)
-    expected = reference.unpool_relu_deconv2d(grad, switches, weight, *args)
-    # autograd, chained: relu(max_pool2d's backward), then conv2d's input-gradient
-    truth = conv_input_gradient(unpool_relu_truth(x64, out64, grad), weight, case.size, case.conv)
-    magnitude = conv_input_gradient(unpool_relu_truth(x64, out64, grad.abs()), weight.abs(), case.size, case.conv)
-    assert result.shape == (case.n, case.c_in, *case.size)
-    assert_close_to_oracle(result, expected, truth, magnitude=magnitude, msg=f"unpool_relu_deconv2d {case}")
+    check_unpool_relu_deconv2d(ops.unpool_relu_deconv2d, device, dtype, case)
 
 
 # --------------------------------------------------------------------------------------------- #
