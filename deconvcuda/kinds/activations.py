@@ -1,0 +1,99 @@
+"""The rectifiers, and the rule table: how each rule reverses a rectifier (DESIGN.md's Semantics).
+
+    rule          reverse of y = relu(x)           reverse of y = relu6(x)
+    deconvnet     max(g, 0)                        max(g, 0)                  (the paper's; forward ignored)
+    guided        max(g, 0) * [x > 0]              max(g, 0) * [0 < x < 6]    (Springenberg et al. 2014)
+    gradient      g * [x > 0]                      g * [0 < x < 6]            (the plain gradient)
+
+The forward mask is read from the output (x > 0 exactly where y > 0; 0 < x < 6 where 0 < y < 6), kept
+as booleans. Every other kind reverses by its gradient under every rule.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Kind, register
+
+__all__ = ["RECTIFIER_RULES", "Rectifier", "ReLU", "ReLU6"]
+
+
+class RectifierRule(NamedTuple):
+    rectify: bool  # max(g, 0)
+    masked: bool   # times the forward's pass-through mask
+
+
+#: One entry per rule: adding a rule is one line here (and its name in base.RULES).
+RECTIFIER_RULES = {
+    "deconvnet": RectifierRule(rectify=True, masked=False),
+    "guided": RectifierRule(rectify=True, masked=True),
+    "gradient": RectifierRule(rectify=False, masked=True),
+}
+
+
+class Rectifier(Kind):
+    """A rectifier: its reverse follows ``RECTIFIER_RULES``; subclasses say how the forward and its
+    pass-through mask are computed."""
+
+    def pass_through(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_keeping(self, inputs, keeper):
+        y = self.forward(*inputs)
+        if not RECTIFIER_RULES[keeper.rule].masked:
+            return y, None
+        mask = self.pass_through(y)
+        return y, (keeper.rows(mask) if mask.dim() == 4 else mask)
+
+    def reverse(self, g, at):
+        rule = RECTIFIER_RULES[at.rule]
+        if rule.rectify:
+            g = torch.relu(g)
+        if rule.masked:
+            mask = at.map_of(at.saved) if at.saved.dim() == 4 else at.saved.index_select(0, at.images)
+            g = g * mask
+        return [g]
+
+
+@register
+class ReLU(Rectifier):
+    name = "ReLU"
+    modules = (nn.ReLU,)
+    functions = (F.relu, torch.relu, torch.relu_)
+    methods = ("relu", "relu_")
+
+    def forward(self, x):
+        return torch.relu(x)  # out of place: an in-place ReLU of the model cannot clobber a kept tensor
+
+    def pass_through(self, y):
+        return y > 0
+
+
+@register
+class ReLU6(Rectifier):
+    name = "ReLU6"
+    modules = (nn.ReLU6, nn.Hardtanh)
+    functions = (F.relu6, F.hardtanh)
+    arguments = ("input", "min_val", "max_val")
+
+    @classmethod
+    def from_module(cls, module, call):
+        if isinstance(module, nn.Hardtanh) and (module.min_val, module.max_val) != (0.0, 6.0):
+            call.fail(f"is a Hardtanh({module.min_val}, {module.max_val}); only hardtanh(0, 6), which is ReLU6, "
+                      "is supported")
+        return super().from_module(module, call)
+
+    @classmethod
+    def from_call(cls, call):
+        if call.node.target is F.hardtanh and (call.get("min_val", -1.0), call.get("max_val", 1.0)) != (0.0, 6.0):
+            call.fail("is a hardtanh other than hardtanh(0, 6) (ReLU6); only ReLU6 is supported")
+        return super().from_call(call)
+
+    def forward(self, x):
+        return torch.clamp(x, 0.0, 6.0)
+
+    def pass_through(self, y):
+        return (y > 0) & (y < 6)

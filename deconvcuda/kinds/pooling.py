@@ -1,0 +1,296 @@
+"""Pools: MaxPool2d (reversed through its switches, fused with the ReLU and conv below it where the
+graph allows), AvgPool2d, AdaptiveAvgPool2d and the spatial mean (their gradients)."""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..geometry import pool_output_size
+from ..windows import Windows, extent
+from .activations import RECTIFIER_RULES
+from .base import At, Kind, pair, register
+
+__all__ = ["MaxPool", "AvgPool", "AdaptiveAvgPool", "SpatialMean", "pooled_shape", "linear_vjp"]
+
+
+def pooled_shape(shape, kernel_size, stride, padding, dilation, ceil_mode):
+    Kind.need_spatial(shape)
+    size = tuple(pool_output_size(shape[1 + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
+                 for i in range(2))
+    if min(size) < 1:
+        raise ValueError(f"its input of spatial size {list(shape[1:])} is smaller than its window {list(kernel_size)}")
+    return (shape[0],) + size
+
+
+def _stride(kernel, stride):
+    return kernel if stride is None or (isinstance(stride, (list, tuple)) and not stride) else pair(stride)
+
+
+def linear_vjp(function, in_shape, g: torch.Tensor) -> torch.Tensor:
+    """The gradient of a linear ``function`` (average pools, means) at any point: autograd at zeros."""
+    with torch.enable_grad():
+        x = g.new_zeros((g.shape[0],) + tuple(in_shape), requires_grad=True)
+        (grad,) = torch.autograd.grad(function(x), x, g)
+    return grad
+
+
+@register
+class MaxPool(Kind):
+    name = "MaxPool2d"
+    modules = (nn.MaxPool2d,)
+    functions = (F.max_pool2d, torch.max_pool2d)
+    arguments = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+
+    def __init__(self, kernel_size, stride, padding, dilation, ceil_mode):
+        self.kernel_size = pair(kernel_size)
+        self.stride = _stride(self.kernel_size, stride)
+        self.padding, self.dilation, self.ceil_mode = pair(padding), pair(dilation), bool(ceil_mode)
+
+    @classmethod
+    def from_module(cls, module, call):
+        if module.return_indices:
+            call.fail("returns indices (return_indices=True); use it without them")
+        call.data("input")
+        return cls(module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
+
+    @classmethod
+    def from_call(cls, call):
+        if call.get("return_indices", False):
+            call.fail("returns indices (return_indices=True); use it without them")
+        call.data("input")
+        return cls(call.get("kernel_size"), call.get("stride"), call.get("padding", 0), call.get("dilation", 1),
+                   call.get("ceil_mode", False))
+
+    def output_shape(self, shape):
+        return pooled_shape(shape, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+
+    def forward(self, x):
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+
+    def forward_keeping(self, inputs, keeper):
+        pooled, switches = keeper.kernels.max_pool2d_switches(inputs[0], self.kernel_size, self.stride, self.padding,
+                                                              self.dilation, self.ceil_mode)
+        # guided and gradient mask a fused ReLU below by whether the pooled value was > 0 (at the switch,
+        # the ReLU's output is the pooled value); the deconvnet rule needs only the switches
+        positive = keeper.rows(pooled > 0) if RECTIFIER_RULES[keeper.rule].masked else None
+        return pooled, (keeper.rows(switches), positive)
+
+    def grow(self, windows):
+        return windows.grow(extent(self.kernel_size, self.dilation), self.stride, self.padding)
+
+    def _unpooled(self, at: At) -> Tuple[Tuple[int, int], Tuple[int, int], Optional[Windows]]:
+        """The unpooled map's size and the padding to unpool with (full maps, or the grown windows)."""
+        if at.windows is None:
+            return tuple(at.in_shapes[0][1:]), self.padding, None
+        grown = self.grow(at.windows)
+        return (grown.height, grown.width), (0, 0), grown
+
+    def reverse(self, g, at):
+        """The plain switch unpooling (the gradient of a max pool); values land on switches only,
+        which lie inside the map, so windows need no zeroing."""
+        switches, _ = at.saved
+        size, padding, _ = self._unpooled(at)
+        return [_unpool_sum(g, at.map_of(switches), size, self.kernel_size, self.stride, padding, self.dilation)]
+
+    def reverse_with_relu(self, g, at: At) -> List[torch.Tensor]:
+        """The reverse of ReLU -> this pool in one ``unpool_relu`` call, under any rule."""
+        switches, positive = at.saved
+        size, padding, _ = self._unpooled(at)
+        return [at.kernels.unpool_relu(g, at.map_of(switches), size, self.kernel_size, self.stride, padding,
+                                       self.dilation, **_rule_arguments(at, positive))]
+
+    def reverse_with_relu_conv(self, g, at: At, conv, conv_in_shape, relu_shape) -> List[torch.Tensor]:
+        """The reverse of conv -> ReLU -> this pool in one ``unpool_relu_deconv2d`` call."""
+        switches, positive = at.saved
+        weight = conv.cast(conv.weight, g)
+        if at.windows is None:
+            return [at.kernels.unpool_relu_deconv2d(
+                g, at.map_of(switches), weight, relu_shape[1:], self.kernel_size, self.stride, self.padding,
+                self.dilation, conv.stride, conv.padding, conv.dilation, conv.groups, conv_in_shape[1:],
+                **_rule_arguments(at, positive))]
+        mid = self.grow(at.windows)
+        grown = conv.grow(mid)
+        out = at.kernels.unpool_relu_deconv2d(
+            g, at.map_of(switches), weight, (mid.height, mid.width), self.kernel_size, self.stride, 0, self.dilation,
+            conv.stride, 0, conv.dilation, conv.groups, (grown.height, grown.width), **_rule_arguments(at, positive))
+        return [grown.zero_outside(out, conv_in_shape[1:])]
+
+
+def _rule_arguments(at: At, positive) -> dict:
+    """The fused ops' rule arguments: none for the paper's rule, else the rule and the pooled > 0 mask."""
+    if at.rule == "deconvnet":
+        return {}
+    return {"rule": at.rule, "positive": at.map_of(positive)}
+
+
+def _unpool_sum(grad, switches, input_size, kernel, stride, padding, dilation):
+    """Each pooled value goes to its window's switch and overlapping windows add up. One strided add
+    per kernel tap, so no scatter and no atomics."""
+    n, c, pooled_h, pooled_w = grad.shape
+    span = [(grad.shape[2 + i] - 1) * stride[i] + dilation[i] * (kernel[i] - 1) + 1 for i in range(2)]
+    wide = torch.promote_types(grad.dtype, torch.float32)
+    buffer = grad.new_zeros(n, c, max(span[0], padding[0] + input_size[0]), max(span[1], padding[1] + input_size[1]),
+                            dtype=wide)
+    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+    for ky in range(kernel[0]):
+        for kx in range(kernel[1]):
+            chosen = torch.where(switches == ky * kernel[1] + kx, grad, zero)
+            y0, x0 = ky * dilation[0], kx * dilation[1]
+            buffer[:, :, y0:y0 + (pooled_h - 1) * stride[0] + 1:stride[0],
+                   x0:x0 + (pooled_w - 1) * stride[1] + 1:stride[1]] += chosen
+    return buffer[:, :, padding[0]:padding[0] + input_size[0], padding[1]:padding[1] + input_size[1]].to(grad.dtype)
+
+
+def _avg_pool_divisors(pooled: int, size: int, kernel: int, stride: int, padding: int,
+                       count_include_pad: bool) -> List[int]:
+    """Along one axis, the count F.avg_pool2d divides each window's sum by (PyTorch's rule: the window
+    clipped to the padded input, or to the input itself without count_include_pad). The 2-D divisor
+    is the product of both axes' counts."""
+    divisors = []
+    for o in range(pooled):
+        start = o * stride - padding
+        end = min(start + kernel, size + padding)
+        inside = min(end, size) - max(start, 0)
+        divisors.append(max(end - start if count_include_pad else inside, 1))
+    return divisors
+
+
+@register
+class AvgPool(Kind):
+    name = "AvgPool2d"
+    modules = (nn.AvgPool2d,)
+    functions = (F.avg_pool2d,)
+    arguments = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+
+    def __init__(self, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+        self.kernel_size = pair(kernel_size)
+        self.stride = _stride(self.kernel_size, stride)
+        self.padding, self.ceil_mode = pair(padding), bool(ceil_mode)
+        self.count_include_pad, self.divisor_override = bool(count_include_pad), divisor_override
+        self.dilation = (1, 1)
+
+    @classmethod
+    def from_module(cls, module, call):
+        call.data("input")
+        return cls(module.kernel_size, module.stride, module.padding, module.ceil_mode, module.count_include_pad,
+                   module.divisor_override)
+
+    @classmethod
+    def from_call(cls, call):
+        call.data("input")
+        return cls(call.get("kernel_size"), call.get("stride"), call.get("padding", 0), call.get("ceil_mode", False),
+                   call.get("count_include_pad", True), call.get("divisor_override"))
+
+    def output_shape(self, shape):
+        return pooled_shape(shape, self.kernel_size, self.stride, self.padding, (1, 1), self.ceil_mode)
+
+    def forward(self, x):
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad,
+                            self.divisor_override)
+
+    def grow(self, windows):
+        return windows.grow(self.kernel_size, self.stride, self.padding)
+
+    def reverse(self, g, at):
+        in_shape, out_shape = at.in_shapes[0], at.out_shape
+        if at.windows is None:
+            return [linear_vjp(self.forward, in_shape, g)]
+        # each input position of a window gets g / divisor from every window covering it: a depthwise
+        # transposed conv with a kernel of ones, after dividing by the divisors
+        windows = at.windows
+        if self.divisor_override:
+            g = g / self.divisor_override
+        else:
+            divisors = [torch.tensor(_avg_pool_divisors(out_shape[1 + i], in_shape[1 + i], self.kernel_size[i],
+                                                        self.stride[i], self.padding[i], self.count_include_pad),
+                                     dtype=g.dtype, device=g.device) for i in range(2)]
+            rows = (windows.top[:, None] + torch.arange(windows.height, device=g.device)).clamp(0, out_shape[1] - 1)
+            cols = (windows.left[:, None] + torch.arange(windows.width, device=g.device)).clamp(0, out_shape[2] - 1)
+            g = g / (divisors[0][rows][:, None, :, None] * divisors[1][cols][:, None, None, :])
+        grown = self.grow(windows)
+        ones = torch.ones(in_shape[0], 1, *self.kernel_size, dtype=g.dtype, device=g.device)
+        g = F.conv_transpose2d(g, ones, stride=self.stride, groups=in_shape[0])
+        return [grown.zero_outside(g, in_shape[1:])]
+
+
+@register
+class AdaptiveAvgPool(Kind):
+    name = "AdaptiveAvgPool2d"
+    modules = (nn.AdaptiveAvgPool2d,)
+    functions = (F.adaptive_avg_pool2d,)
+    arguments = ("input", "output_size")
+    windowed = False  # its windows differ in size from one output to the next
+
+    def __init__(self, output_size):
+        self.output_size = (output_size, output_size) if isinstance(output_size, int) or output_size is None \
+            else pair(output_size)  # None keeps the input's size on that axis
+
+    @classmethod
+    def from_module(cls, module, call):
+        call.data("input")
+        return cls(module.output_size)
+
+    @classmethod
+    def from_call(cls, call):
+        call.data("input")
+        return cls(call.get("output_size"))
+
+    def output_shape(self, shape):
+        self.need_spatial(shape)
+        return (shape[0],) + tuple(shape[1 + i] if self.output_size[i] is None else self.output_size[i]
+                                   for i in range(2))
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(x, self.output_size)
+
+    def even_window(self, spatial) -> Optional[Tuple[int, int]]:
+        """Kernel = stride of the plain pool this one is, where the input size is a multiple of the
+        output size; None where it is not."""
+        window = []
+        for axis in range(2):
+            out = spatial[axis] if self.output_size[axis] is None else self.output_size[axis]
+            if spatial[axis] % out:
+                return None
+            window.append(spatial[axis] // out)
+        return tuple(window)
+
+    def reverse(self, g, at):
+        return [linear_vjp(self.forward, at.in_shapes[0], g)]
+
+
+@register
+class SpatialMean(Kind):
+    """``x.mean((2, 3))`` / ``torch.mean(x, dim=[-2, -1], keepdim=True)``: the global average pool
+    written as a mean over the spatial dims."""
+
+    name = "mean"
+    functions = (torch.mean,)
+    methods = ("mean",)
+    arguments = ("input", "dim", "keepdim")
+    windowed = False
+
+    def __init__(self, keepdim: bool):
+        self.keepdim = bool(keepdim)
+
+    @classmethod
+    def from_call(cls, call):
+        call.data("input")
+        dims = call.get("dim")
+        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+        if sorted(d % 4 for d in dims) != [2, 3] or call.get("dtype") is not None:
+            call.fail(f"takes the mean over dims {list(dims)}; only the mean over the spatial dims (2, 3) of a "
+                      "[N, C, H, W] map is supported")
+        return cls(call.get("keepdim", False))
+
+    def output_shape(self, shape):
+        self.need_spatial(shape)
+        return (shape[0], 1, 1) if self.keepdim else (shape[0],)
+
+    def forward(self, x):
+        return x.mean((2, 3), keepdim=self.keepdim)
+
+    def reverse(self, g, at):
+        return [linear_vjp(self.forward, at.in_shapes[0], g)]

@@ -1,0 +1,112 @@
+"""Receptive-field windows: per projection, the part of a feature map its gradient can be non-zero in.
+
+A single activation's projection is non-zero only inside its receptive field, so the engine carries
+each projection's window of every feature map, ``[P, C, h, w]`` with a per-projection origin, instead
+of whole maps. All windows of one node have the same size (it depends on the geometry only); they may
+reach past the map's borders, where they hold zeros (the map's zero padding). Where branches of a
+graph meet, the windows of the consumers are united. The same geometry gives ``receptive_field``.
+
+    Windows(top, left, height, width).grow(extent, stride, padding)   # a conv/pool's input window
+    windows.union(other)                                              # where two branches meet
+    windows.crop(saved_rows, images) / windows.paste(g, size) / windows.embed(g, outer)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Tuple
+
+import torch
+
+__all__ = ["Windows", "extent"]
+
+Pair = Tuple[int, int]
+
+
+def extent(kernel: Sequence[int], dilation: Sequence[int] = (1, 1)) -> Pair:
+    """The span in input positions of a (dilated) kernel."""
+    return tuple(dilation[i] * (kernel[i] - 1) + 1 for i in range(2))
+
+
+@dataclass
+class Windows:
+    """Rows [top, top + height) and columns [left, left + width) of a map, per projection, in map
+    coordinates (they may reach past the map's borders; those positions hold zeros)."""
+
+    top: torch.Tensor   # [P] int64
+    left: torch.Tensor  # [P] int64
+    height: int
+    width: int
+
+    @staticmethod
+    def points(y: torch.Tensor, x: torch.Tensor) -> "Windows":
+        """1x1 windows at the seeds' positions."""
+        return Windows(y.clone(), x.clone(), 1, 1)
+
+    def grow(self, kernel_extent: Sequence[int], stride: Sequence[int], padding: Sequence[int]) -> "Windows":
+        """The input window of a conv/pool with this (dilated) kernel extent, stride and padding: the
+        window at the output reads input rows top * stride - padding ... (bottom - 1) * stride - padding + extent."""
+        return Windows(self.top * stride[0] - padding[0], self.left * stride[1] - padding[1],
+                       (self.height - 1) * stride[0] + kernel_extent[0], (self.width - 1) * stride[1] + kernel_extent[1])
+
+    def union(self, other: "Windows") -> "Windows":
+        """The smallest windows (one size for all projections) that hold both."""
+        top, left = torch.minimum(self.top, other.top), torch.minimum(self.left, other.left)
+        bottom = torch.maximum(self.top + self.height, other.top + other.height)
+        right = torch.maximum(self.left + self.width, other.left + other.width)
+        if top.numel() == 0:
+            return Windows(top, left, max(self.height, other.height), max(self.width, other.width))
+        return Windows(top, left, int((bottom - top).max()), int((right - left).max()))
+
+    def covers(self, size: Sequence[int]) -> bool:
+        """Whether a window is at least as large as a map of ``size``: then full maps are cheaper."""
+        return self.height * self.width >= size[0] * size[1]
+
+    def positions(self, size: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Plane-flat indices [P, h * w] into a map of ``size`` (clamped inside it) and whether each
+        position really lies inside."""
+        rows = self.top[:, None] + torch.arange(self.height, device=self.top.device)
+        cols = self.left[:, None] + torch.arange(self.width, device=self.left.device)
+        valid = (((rows >= 0) & (rows < size[0]))[:, :, None] & ((cols >= 0) & (cols < size[1]))[:, None, :])
+        flat = rows.clamp(0, size[0] - 1)[:, :, None] * size[1] + cols.clamp(0, size[1] - 1)[:, None, :]
+        return flat.flatten(1), valid.flatten(1)
+
+    def inside(self, size: Sequence[int]) -> torch.Tensor:
+        """[P, 1, h, w]: whether each window position lies inside a map of ``size``."""
+        return self.positions(size)[1].view(-1, 1, self.height, self.width)
+
+    def crop(self, saved: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Each projection's window of a saved channels-last map [N, H, W, C] -> [P, C, h, w]
+        (channels-last strides). Positions outside the map hold a clamped neighbour's value."""
+        n, h, w, c = saved.shape
+        flat, _ = self.positions((h, w))
+        rows = (images[:, None] * (h * w) + flat).flatten()
+        return saved.reshape(n * h * w, c).index_select(0, rows).view(
+            -1, self.height, self.width, c).permute(0, 3, 1, 2)
+
+    def zero_outside(self, g: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        return torch.where(self.inside(size), g, torch.zeros((), dtype=g.dtype, device=g.device))
+
+    def paste(self, g: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """The windows [P, C, h, w] placed into zero maps [P, C, H, W]. Positions outside the map go
+        to one extra slot that is dropped, so every real position is written once (deterministic)."""
+        p, c = g.shape[:2]
+        flat, valid = self.positions(size)
+        plane = size[0] * size[1]
+        flat = torch.where(valid, flat, torch.full_like(flat, plane))
+        out = g.new_zeros(p, c, plane + 1)
+        out.scatter_(2, flat[:, None, :].expand(p, c, flat.shape[1]), g.reshape(p, c, -1))
+        return out[:, :, :plane].reshape(p, c, size[0], size[1])
+
+    def embed(self, g: torch.Tensor, outer: "Windows") -> torch.Tensor:
+        """These windows' values [P, C, h, w] placed into the larger windows ``outer`` (which hold
+        them: a union), zeros elsewhere."""
+        if (outer.height, outer.width) == (self.height, self.width) and torch.equal(outer.top, self.top) \
+                and torch.equal(outer.left, self.left):
+            return g
+        p, c = g.shape[:2]
+        rows = (self.top - outer.top)[:, None] + torch.arange(self.height, device=g.device)
+        cols = (self.left - outer.left)[:, None] + torch.arange(self.width, device=g.device)
+        flat = (rows[:, :, None] * outer.width + cols[:, None, :]).flatten(1)
+        out = g.new_zeros(p, c, outer.height * outer.width)
+        out.scatter_(2, flat[:, None, :].expand(p, c, flat.shape[1]), g.reshape(p, c, -1))
+        return out.view(p, c, outer.height, outer.width)
