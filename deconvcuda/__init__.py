@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 from . import ops, reference
 from .engine import project
 from .receptive_field import ReceptiveField, crop_patches, receptive_field
-from .top import TopActivations, top_activations
+from .scan import TopActivations, top_activations
 from . import data, models
 from .figures import visualize
 

@@ -1,23 +1,36 @@
-"""Streaming a dataset as batches, and fetching chosen images from it again.
+"""Reading the data a scan streams: batches with their dataset indices, and chosen images again.
 
-    for first, images in iter_batches(data, batch_size=64):   # images: [B, C, H, W]; first: dataset index of images[0]
-        ...
+    source = data_source(data, "top_activations")      # a tensor, a list, an iterable, or a map-style Dataset
+    for batch in source.batches(start, stop, batch_size=64):
+        batch.index, batch.images                         # [B] dataset indices, [B, C, H, W]
     picked = gather_images(data, [17, 3, 17], batch_size=64)   # [3, C, H, W], in the order asked
 
-``data`` may be a tensor ``[N, C, H, W]`` (split into ``batch_size`` chunks), a list or tuple of
-tensors (each a batch ``[B, C, H, W]`` or a single image ``[C, H, W]``), or any iterable such as a
-DataLoader yielding batches or ``(images, labels)`` pairs. Single images are stacked into batches
-of ``batch_size``. Dataset indices count images in the order the data yields them, so
+``data`` may be a tensor ``[N, C, H, W]`` (split into ``batch_size`` chunks), a map-style
+``torch.utils.data.Dataset`` whose items are images ``[C, H, W]`` or ``(image, label)`` pairs (read
+through a DataLoader of our own: worker processes, pinned memory for a GPU; a range of it can be
+read alone, which is how a scan is sharded), a list or tuple of tensors (each a batch
+``[B, C, H, W]`` or a single image ``[C, H, W]``), or any iterable such as a DataLoader yielding
+batches or ``(images, labels)`` pairs. Single images are stacked into batches of ``batch_size``.
+Dataset indices count images in the order the data yields them (a Dataset's own indices), so
 ``gather_images`` needs data that yields the same images in the same order every time (a tensor,
-a list, a DataLoader without shuffling).
+a Dataset, a list, a DataLoader without shuffling).
+
+A Dataset item that cannot be read (``__getitem__`` raises ``OSError``, as Pillow does for a
+broken file and :class:`deconvcuda.data.ImageFolder` for any unreadable one) is skipped with a
+warning that names it; its index is simply never ranked.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-__all__ = ["iter_batches", "gather_images", "count_images"]
+__all__ = ["iter_batches", "gather_images", "count_images", "data_source", "is_map_dataset", "Batch",
+           "DataSource"]
 
 
 def _check_batch_size(batch_size, caller: str) -> int:
@@ -39,8 +52,16 @@ def _images_of(item, caller: str) -> torch.Tensor:
     return item
 
 
+def is_map_dataset(data) -> bool:
+    """Whether ``data`` is a map-style Dataset: indexable by position, with a length."""
+    return (isinstance(data, Dataset) and not isinstance(data, IterableDataset)
+            and hasattr(data, "__len__") and hasattr(data, "__getitem__"))
+
+
 def iter_batches(data, batch_size: int, caller: str = "iter_batches") -> Iterator[Tuple[int, torch.Tensor]]:
-    """Yield ``(first_index, images)``: each batch ``[B, C, H, W]`` with the dataset index of its first image."""
+    """Yield ``(first_index, images)``: each batch ``[B, C, H, W]`` with the dataset index of its first
+    image (data of any form but a map-style Dataset, whose skipped items break that numbering: use
+    :func:`data_source` for those)."""
     _check_batch_size(batch_size, caller)
     if isinstance(data, torch.Tensor):
         if data.dim() != 4:
@@ -52,8 +73,8 @@ def iter_batches(data, batch_size: int, caller: str = "iter_batches") -> Iterato
     try:
         items = iter(data)
     except TypeError:
-        raise TypeError(f"{caller}: data must be a tensor [N, C, H, W], a list of tensors or an iterable of batches "
-                        f"(e.g. a DataLoader), got {type(data).__name__}") from None
+        raise TypeError(f"{caller}: data must be a tensor [N, C, H, W], a map-style Dataset, a list of tensors or "
+                        f"an iterable of batches (e.g. a DataLoader), got {type(data).__name__}") from None
     first = 0
     pending: List[torch.Tensor] = []  # single images waiting to fill a batch
 
@@ -86,6 +107,8 @@ def count_images(data) -> Optional[int]:
     """How many images ``data`` holds, where that is known without reading it (else None)."""
     if isinstance(data, torch.Tensor):
         return data.shape[0] if data.dim() == 4 else None
+    if is_map_dataset(data):
+        return len(data)
     dataset = getattr(data, "dataset", None)  # a DataLoader
     if dataset is not None and hasattr(dataset, "__len__") and getattr(data, "batch_size", None) is not None \
             and not getattr(data, "drop_last", False):
@@ -95,9 +118,176 @@ def count_images(data) -> Optional[int]:
     return None
 
 
+# --------------------------------------------------------------------------------------------- #
+# Sources: a range of the data, batch by batch, with each image's dataset index
+# --------------------------------------------------------------------------------------------- #
+
+class Batch(NamedTuple):
+    """Images ``[B, C, H, W]`` (None where every item of the batch was skipped), their dataset
+    indices ``[B]`` (int64, on the CPU), and the source position just after the batch (what a
+    resumed scan passes as ``start``)."""
+
+    index: torch.Tensor
+    images: Optional[torch.Tensor]
+    end: int
+
+
+@dataclass
+class DataSource:
+    """How a scan reads ``data``. ``kind``: "tensor" and "dataset" can read any range ``[start,
+    stop)`` of their ``count`` images directly (so they can be sharded); "stream" (lists, iterables,
+    DataLoaders) is read from its beginning, ``start`` images skipped by reading them."""
+
+    data: object
+    kind: str
+    count: Optional[int]
+    caller: str
+    skipped: List[str] = field(default_factory=list)  # the warnings about unreadable items, in order
+
+    def batches(self, start: int, stop: Optional[int], batch_size: int, *, num_workers: Optional[int] = None,
+                pin_memory: bool = False) -> Iterator[Batch]:
+        _check_batch_size(batch_size, self.caller)
+        if self.kind == "tensor":
+            stop = self.count if stop is None else stop
+            for first in range(start, stop, batch_size):
+                last = min(first + batch_size, stop)
+                yield Batch(torch.arange(first, last), self.data[first:last], last)
+        elif self.kind == "dataset":
+            yield from self._dataset_batches(start, self.count if stop is None else stop, batch_size,
+                                             num_workers, pin_memory)
+        else:
+            yield from self._stream_batches(start, batch_size)
+
+    def _stream_batches(self, start: int, batch_size: int) -> Iterator[Batch]:
+        for first, images in iter_batches(self.data, batch_size, self.caller):
+            end = first + images.shape[0]
+            if end <= start:  # read before: a resumed scan skips it
+                continue
+            if first < start:
+                images, first = images[start - first:], start
+            yield Batch(torch.arange(first, end), images, end)
+
+    def _dataset_batches(self, start: int, stop: int, batch_size: int, num_workers: Optional[int],
+                         pin_memory: bool) -> Iterator[Batch]:
+        if stop <= start:
+            return
+        if num_workers is None:
+            num_workers = default_workers(self.data)
+        loader = DataLoader(_IndexedItems(self.data, start, stop), batch_size=batch_size, shuffle=False,
+                            num_workers=num_workers, pin_memory=pin_memory, collate_fn=_collate_items,
+                            # a worker that reads a few batches ahead keeps the forward fed
+                            prefetch_factor=2 if num_workers > 0 else None)
+        for index, images, end, skipped, error in loader:
+            for message in skipped:
+                self.skipped.append(message)
+                warnings.warn(f"{self.caller}: {message}", stacklevel=4)
+            if error is not None:
+                raise _error_type(error)(f"{self.caller}: {error[1]}")
+            yield Batch(index, images, end)
+
+
+def default_workers(dataset) -> int:
+    """Worker processes for reading ``dataset``: none for tensors already in memory (a
+    TensorDataset), else up to 8, the CPUs this process may use divided among the processes of a
+    torchrun on this node, none where that leaves fewer than 2."""
+    from torch.utils.data import TensorDataset
+
+    if isinstance(dataset, TensorDataset):
+        return 0
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    per_process = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(8, per_process) if per_process >= 2 else 0
+
+
+class _IndexedItems(Dataset):
+    """Items ``start .. stop - 1`` of a map-style Dataset as ``(index, item, problem)``; an item
+    that cannot be read (OSError) becomes ``(index, None, message)`` so that the scan skips it."""
+
+    def __init__(self, dataset, start: int, stop: int):
+        self.dataset, self.start, self.stop = dataset, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, position: int):
+        index = self.start + position
+        try:
+            return index, self.dataset[index], None
+        except OSError as error:  # Pillow's UnidentifiedImageError and truncated files are OSErrors
+            return index, None, f"skipping image {index} of the dataset, which cannot be read: {error}"
+
+
+def _error_type(error) -> type:
+    return {"TypeError": TypeError, "ValueError": ValueError}.get(error[0], RuntimeError)
+
+
+def _dataset_image(item, index: int) -> Tuple[Optional[torch.Tensor], Optional[Tuple[str, str]]]:
+    """The image of a Dataset item (an image, or an (image, label) pair), or an error (type, message)."""
+    if isinstance(item, (tuple, list)) and item:
+        item = item[0]
+    if isinstance(item, torch.Tensor) and item.dim() == 3:
+        return item, None
+    if isinstance(item, torch.Tensor):
+        return None, ("ValueError", f"item {index} of the dataset must be an image [C, H, W] or an (image, label) "
+                                    f"pair, got a {item.dim()}-D tensor of shape {list(item.shape)}")
+    hint = ""
+    if type(item).__module__.startswith("PIL"):
+        hint = (" (a PIL image: give the Dataset a transform to a float tensor, e.g. torchvision.transforms.v2."
+                "Compose([ToImage(), ToDtype(torch.float32, scale=True)]), or use deconvcuda.data.ImageFolder)")
+    return None, ("TypeError", f"item {index} of the dataset must be an image tensor [C, H, W] or an "
+                               f"(image, label) pair, got {type(item).__name__}{hint}")
+
+
+def _collate_items(items):
+    """``[(index, item, problem)]`` -> ``(index [B], images [B, C, H, W] or None, end, skipped
+    messages, error)``. Runs in the worker processes; problems travel back as values, so that the
+    main process reports them with the caller's name (an exception would arrive wrapped)."""
+    end = items[-1][0] + 1
+    indices, images, skipped = [], [], []
+    for index, item, problem in items:
+        if problem is not None:
+            skipped.append(problem)
+            continue
+        image, error = _dataset_image(item, index)
+        if error is not None:
+            return torch.zeros(0, dtype=torch.long), None, end, skipped, error
+        if images and image.shape != images[0].shape:
+            return torch.zeros(0, dtype=torch.long), None, end, skipped, (
+                "ValueError", f"every image must have the shape of the first, {list(images[0].shape)} (image "
+                              f"{indices[0]}); image {index} has {list(image.shape)}: resize them to one size "
+                              f"(deconvcuda.data.ImageFolder(..., size=...) does)")
+        indices.append(index)
+        images.append(image)
+    stacked = torch.stack(images) if images else None
+    return torch.tensor(indices, dtype=torch.long), stacked, end, skipped, None
+
+
+def data_source(data, caller: str) -> DataSource:
+    """Classify ``data`` (see the module's docstring); a clear error for what cannot be data."""
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 4:
+            raise ValueError(f"{caller}: data as a tensor must be [N, C, H, W], got {data.dim()}-D with shape "
+                             f"{list(data.shape)}")
+        return DataSource(data, "tensor", data.shape[0], caller)
+    if is_map_dataset(data):
+        return DataSource(data, "dataset", len(data), caller)
+    if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        raise TypeError(f"{caller}: data must be a tensor [N, C, H, W], a map-style Dataset, a list of tensors or "
+                        f"an iterable of batches (e.g. a DataLoader), got {type(data).__name__}")
+    return DataSource(data, "stream", count_images(data), caller)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Fetching chosen images again
+# --------------------------------------------------------------------------------------------- #
+
 def gather_images(data, indices, batch_size: int = 64) -> torch.Tensor:
     """The images with the given dataset indices, ``[len(indices), C, H, W]`` in the order given
-    (repeats allowed), read in one more pass over ``data`` that stops once all are found."""
+    (repeats allowed): indexed directly in a tensor or a map-style Dataset, else read in one more
+    pass over ``data`` that stops once all are found."""
     caller = "gather_images"
     _check_batch_size(batch_size, caller)
     if isinstance(indices, torch.Tensor):
@@ -111,6 +301,18 @@ def gather_images(data, indices, batch_size: int = 64) -> torch.Tensor:
         if indices and max(indices) >= data.shape[0]:
             raise IndexError(f"{caller}: index {max(indices)} is out of range for data of {data.shape[0]} images")
         return data.index_select(0, torch.tensor(indices, dtype=torch.long, device=data.device))
+    if not indices:
+        raise ValueError(f"{caller}: no indices given, so the image shape is unknown")
+    if is_map_dataset(data):
+        if max(indices) >= len(data):
+            raise IndexError(f"{caller}: index {max(indices)} is out of range for a dataset of {len(data)} images")
+        found = {}
+        for index in dict.fromkeys(indices):
+            image, error = _dataset_image(data[index], index)
+            if error is not None:
+                raise _error_type(error)(f"{caller}: {error[1]}")
+            found[index] = image
+        return torch.stack([found[i] for i in indices])
     wanted = sorted(set(indices))
     found = {}
     seen = 0
@@ -124,6 +326,4 @@ def gather_images(data, indices, batch_size: int = 64) -> torch.Tensor:
             break
     if position < len(wanted):
         raise IndexError(f"{caller}: index {wanted[position]} is out of range for data of {seen} images")
-    if not indices:
-        raise ValueError(f"{caller}: no indices given, so the image shape is unknown")
     return torch.stack([found[i] for i in indices])
