@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from . import batches
+from .graph import trace
 
 __all__ = ["TopActivations", "top_activations", "model_device", "save_scan", "load_scan", "merge_scans"]
 
@@ -312,37 +313,6 @@ def _load(path, caller: str, map_location="cpu"):
 
 
 # --------------------------------------------------------------------------------------------- #
-# The forward to many layers
-# --------------------------------------------------------------------------------------------- #
-
-def _trace(model: nn.Module, layers: List[str], caller: str):
-    """The graph that runs the forward once per batch up to the deepest of ``layers``."""
-    try:
-        from .graph import trace
-    except ImportError:  # the graph engine is not there yet: one chain plan per layer
-        return _PlanChains(model, layers, caller)
-    return trace(model, layers, caller=caller)
-
-
-class _PlanChains:
-    """The graph's interface (``layers``, ``shapes``, ``run``) over one chain plan per layer."""
-
-    def __init__(self, model: nn.Module, layers: List[str], caller: str):
-        from . import plan as plans
-
-        self.layers = list(layers)
-        self.plans = {layer: plans.build_plan(model, layer, caller=caller) for layer in layers}
-
-    def shapes(self, input_shape, caller: str):
-        return {layer: tuple(plan.shapes(input_shape, caller=caller)[-1]) for layer, plan in self.plans.items()}
-
-    def run(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        from .engine import run_forward
-
-        return {layer: run_forward(plan, images).output for layer, plan in self.plans.items()}
-
-
-# --------------------------------------------------------------------------------------------- #
 # torch.distributed
 # --------------------------------------------------------------------------------------------- #
 
@@ -528,7 +498,7 @@ def top_activations(model: nn.Module, data, layer=None, k: int = 9, *, layers=No
         raise ValueError(f"{caller}: checkpoint_every must be a number of seconds >= 0, got {checkpoint_every!r}")
     names, single = _layer_names(layer, layers, caller)
     shard_index, shard_count = _check_shard(shard, caller)
-    graph = _trace(model, names, caller)
+    graph = trace(model, names, caller=caller)
     source = batches.data_source(data, caller)
     if shard is not None and source.kind == "stream":
         raise ValueError(f"{caller}: shard= needs data that can be read in parts, a tensor or a map-style Dataset; "
