@@ -4,8 +4,13 @@
     mine = deconvcuda.data.load_folder("my_images/", size=224)
     x = model.preprocessing.to_model(photos.images)
 
+    folder = deconvcuda.data.ImageFolder("imagenet/val/", size=224, transform=model.preprocessing)
+    tops = deconvcuda.top_activations(model, folder, ["features.15", "features.29"])   # read lazily, in parts
+
 Images are RGB floats in [0, 1]; the model's preprocessing turns them into its input. Nothing is
-downloaded: only the photos that ship inside the scikit-image wheel are used.
+downloaded: only the photos that ship inside the scikit-image wheel are used. ``load_folder`` reads
+a small folder into memory at once; ``ImageFolder`` is a Dataset for folders of any size, read one
+image at a time (in the scan's worker processes).
 """
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["ImageSet", "BUNDLED_PHOTOS", "bundled_photos", "load_folder", "square_crops"]
+__all__ = ["ImageSet", "BUNDLED_PHOTOS", "bundled_photos", "load_folder", "square_crops", "ImageFolder",
+           "UnreadableImageError"]
 
 
 @dataclass
@@ -145,6 +151,39 @@ def bundled_photos(size: int = 224, crops_per_photo: int = 5, photos: Optional[S
 # A folder of the user's images
 # --------------------------------------------------------------------------------------------- #
 
+class UnreadableImageError(OSError):
+    """A file that Pillow cannot read as an image (an OSError, so a scan skips it with a warning)."""
+
+
+def _check_size(size, caller: str) -> int:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"{caller}: size must be a positive int, got {size!r}")
+    return size
+
+
+def _check_directory(directory, caller: str) -> str:
+    directory = os.fspath(directory)
+    if not os.path.exists(directory):
+        raise FileNotFoundError(f"{caller}: image directory {directory!r} does not exist")
+    if not os.path.isdir(directory):
+        raise NotADirectoryError(f"{caller}: {directory!r} is not a directory")
+    return directory
+
+
+def _read_image(path: str, size: int) -> np.ndarray:
+    """One file as [size, size, 3] uint8 RGB: EXIF orientation applied, the shorter side resized to
+    ``size``, the centre cropped. Raises UnreadableImageError naming the file where Pillow cannot."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened).convert("RGB")
+            image = ImageOps.fit(image, (size, size), Image.BICUBIC, centering=(0.5, 0.5))
+    except Exception as error:  # Pillow raises many types for broken or foreign files
+        raise UnreadableImageError(f"{path}: not a readable image ({type(error).__name__}: {error})") from None
+    return np.asarray(image)
+
+
 def load_folder(directory: str, size: int = 224) -> ImageSet:
     """Every image file directly inside ``directory`` (sorted by name), RGB, the shorter side resized
     to ``size`` and the centre cropped to ``size`` x ``size``; names are the file names.
@@ -152,32 +191,74 @@ def load_folder(directory: str, size: int = 224) -> ImageSet:
     Files Pillow cannot read are skipped with a warning that names them; hidden files and
     subfolders are ignored. A missing directory, or one without a readable image, is an error.
     """
-    from PIL import Image, ImageOps
-
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"load_folder: size must be a positive int, got {size!r}")
-    directory = os.fspath(directory)
-    if not os.path.exists(directory):
-        raise FileNotFoundError(f"load_folder: image directory {directory!r} does not exist")
-    if not os.path.isdir(directory):
-        raise NotADirectoryError(f"load_folder: {directory!r} is not a directory")
+    _check_size(size, "load_folder")
+    directory = _check_directory(directory, "load_folder")
     files = sorted(entry.name for entry in os.scandir(directory)
                    if entry.is_file() and not entry.name.startswith("."))
-    arrays, names, skipped = [], [], []
+    arrays, names = [], []
     for name in files:
-        path = os.path.join(directory, name)
         try:
-            with Image.open(path) as opened:
-                image = ImageOps.exif_transpose(opened).convert("RGB")
-                image = ImageOps.fit(image, (size, size), Image.BICUBIC, centering=(0.5, 0.5))
-        except Exception as error:  # Pillow raises many types for broken or foreign files
-            skipped.append(name)
-            warnings.warn(f"load_folder: skipping {path}: not a readable image ({type(error).__name__}: {error})",
-                          stacklevel=2)
+            arrays.append(_read_image(os.path.join(directory, name), size))
+        except UnreadableImageError as error:
+            warnings.warn(f"load_folder: skipping {error}", stacklevel=2)
             continue
-        arrays.append(np.asarray(image))
         names.append(name)
     if not arrays:
         tried = f"{len(files)} file(s) tried" if files else "it holds no files"
         raise ValueError(f"load_folder: no readable image in {directory!r} ({tried})")
     return ImageSet(_stack(arrays), names)
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Every image file under ``root`` as a Dataset, read lazily: item ``i`` is file ``files[i]``
+    (paths relative to ``root``, sorted; subfolders too where ``recursive``; hidden files and folders
+    left out) as ``[3, size, size]`` float32 RGB in [0, 1] (the shorter side resized to ``size``, the
+    centre cropped), then ``transform``: a callable on that tensor, or an object with ``to_model``
+    such as ``model.preprocessing`` (applied to it as a batch of one).
+
+    Only the file names are listed up front, so a folder of any size costs a list of names; the
+    scan reads the images in worker processes. A file Pillow cannot read raises
+    :class:`UnreadableImageError` (an OSError) naming it, which ``top_activations`` reports as a
+    warning and skips; ``names`` are the files' relative paths, for captions.
+    """
+
+    def __init__(self, root, size: int = 224, transform=None, recursive: bool = True):
+        caller = "ImageFolder"
+        self.size = _check_size(size, caller)
+        self.root = _check_directory(root, caller)
+        if transform is not None and not callable(transform) and not hasattr(transform, "to_model"):
+            raise TypeError(f"{caller}: transform must be a callable on a [3, H, W] tensor or have a to_model "
+                            f"method (a deconvcuda.models.Preprocessing), got {type(transform).__name__}")
+        self.transform = transform
+        self.files: List[str] = []
+        for directory, subdirectories, names in os.walk(self.root):
+            subdirectories[:] = sorted(d for d in subdirectories if not d.startswith(".")) if recursive else []
+            relative = os.path.relpath(directory, self.root)
+            for name in names:
+                if not name.startswith(".") and os.path.isfile(os.path.join(directory, name)):
+                    self.files.append(name if relative == "." else os.path.join(relative, name))
+        self.files.sort()
+        if not self.files:
+            raise ValueError(f"{caller}: no files in {self.root!r}" + (" or its subfolders" if recursive else ""))
+
+    @property
+    def names(self) -> List[str]:
+        return list(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"ImageFolder: index must be an int, got {type(index).__name__}")
+        if not -len(self.files) <= index < len(self.files):
+            raise IndexError(f"ImageFolder: index {index} is out of range for {len(self.files)} files")
+        image = _stack([_read_image(os.path.join(self.root, self.files[index]), self.size)])
+        if self.transform is None:
+            return image[0]
+        if hasattr(self.transform, "to_model"):
+            return self.transform.to_model(image)[0]
+        return self.transform(image[0])
+
+    def __repr__(self) -> str:
+        return f"ImageFolder({self.root!r}, {len(self.files)} files, size={self.size})"

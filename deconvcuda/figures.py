@@ -5,9 +5,10 @@ activations over a dataset projected to pixel space, beside the image patches th
                                image_names=names, preprocessing=model.preprocessing, out="out")
     print(run.index)          # out/index.html: every layer and channel, with captions
 
-Per layer: one streaming top-k pass over the data, then one ``project(..., neurons=...)`` call per
-chunk of channels on just the images those activations came from; each projection and each image is
-cropped to the activation's receptive field (padded where it leaves the image). Per channel one PNG:
+One streaming top-k pass over the data for all layers, then one ``project(..., neurons=...)`` call
+per chunk of channels on just the images those activations came from (under torch.distributed the
+scan and the chunks are shared among the processes, and rank 0 alone writes); each projection and
+each image is cropped to the activation's receptive field (padded where it leaves the image). Per channel one PNG:
 left the grid of projections (each zero-centred, gray = 0, scaled to its own contrast: the paper's
 ``p / (2 max|p|) + 0.5``), right the grid of image patches. Per layer an overview PNG of its first
 channels, and per run a static ``index.html``.
@@ -257,7 +258,8 @@ def visualize(model: nn.Module, data, layers: Union[str, Sequence[str]], *,
     """
     from tqdm.auto import tqdm
 
-    from . import __version__, batches, crop_patches, project, receptive_field, top, top_activations
+    from . import top_activations
+    from .scan import model_device as device_of, process_group
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"visualize: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -269,7 +271,7 @@ def visualize(model: nn.Module, data, layers: Union[str, Sequence[str]], *,
         raise ValueError(f"visualize: max_channels must be a positive int or None, got {max_channels!r}")
     if preprocessing is None:
         preprocessing = getattr(model, "preprocessing", None)
-    model_device = top.model_device(model)
+    model_device = device_of(model)
     device = model_device if device is None else torch.device(device)
     if device != model_device and not (device.type == model_device.type and device.index is None):
         raise ValueError(f"visualize: the model is on {model_device} but device is {device}; "
@@ -278,82 +280,120 @@ def visualize(model: nn.Module, data, layers: Union[str, Sequence[str]], *,
     out.mkdir(parents=True, exist_ok=True)
     channel_order = getattr(preprocessing, "channel_order", "RGB")
 
-    records: List[LayerFigures] = []
-    for layer in tqdm(layers, desc="layers", unit="layer", disable=not progress):
-        started = time.perf_counter()
-        top = top_activations(model, data, layer, k=k, batch_size=batch_size, device=device, progress=progress)
-        values, image_index = top.values.detach().cpu(), top.image_index.detach().cpu()
-        ys, xs = top.y.detach().cpu(), top.x.detach().cpu()
-        seconds = {"top_activations": time.perf_counter() - started, "project": 0.0, "draw": 0.0}
-        num_channels = values.shape[0]
+    # ONE scan for all layers; with torch.distributed every rank scans its part of the data and
+    # gets the merged result, then the channels' projections are shared out (chunk i to rank
+    # i % world) and rank 0 alone draws and writes the gallery.
+    rank, world = process_group()
+    progress = progress and rank == 0
+    if image_names is None:
+        image_names = getattr(data, "names", None)  # deconvcuda.data.ImageFolder's file names
+    started = time.perf_counter()
+    tops = top_activations(model, data, layers, k=k, batch_size=batch_size, device=device, progress=progress)
+    scan_seconds = time.perf_counter() - started
 
+    records: List[LayerFigures] = []
+    work = []  # (record, top entries on the CPU, chunk of channels): the projection calls, in order
+    per_call = max(1, PROJECTIONS_PER_CALL // k)
+    for layer in layers:
+        top = tops[layer]
+        entries = (top.values.detach().cpu(), top.image_index.detach().cpu(), top.y.detach().cpu(),
+                   top.x.detach().cpu())
+        num_channels = entries[0].shape[0]
         candidates = _candidate_channels(channels, layer, num_channels)
         if max_channels is not None:
-            candidates = [c for c in candidates if values.shape[1] and float(values[c, 0]) != 0.0][:max_channels]
-        record = LayerFigures(layer, num_channels, candidates, (0, 0), None, seconds=seconds)
+            candidates = [c for c in candidates if entries[0].shape[1] and float(entries[0][c, 0]) != 0.0][:max_channels]
+        # the scan is shared by the layers: each shows its whole time
+        record = LayerFigures(layer, num_channels, candidates, (0, 0), None,
+                              seconds={"top_activations": scan_seconds, "project": 0.0, "draw": 0.0})
         records.append(record)
+        work.extend((record, entries, candidates[start:start + per_call])
+                    for start in range(0, len(candidates), per_call))
 
-        per_call = max(1, PROJECTIONS_PER_CALL // k)
-        bar = tqdm(total=len(candidates), desc=f"{layer}", unit="channel", leave=False, disable=not progress)
-        for start in range(0, len(candidates), per_call):
-            chunk = candidates[start:start + per_call]
-            tick = time.perf_counter()
-            # the (channel, rank) pairs that exist: fewer than k where the data has fewer activations
-            keep = [(c, r) for c in chunk for r in range(values.shape[1])
-                    if int(image_index[c, r]) >= 0 and bool(torch.isfinite(values[c, r]))]
-            boxes: List[Tuple[int, int, int, int]] = []
-            if keep:
-                wanted = sorted({int(image_index[c, r]) for c, r in keep})
-                images = batches.gather_images(data, wanted, batch_size)
-                slot = {index: i for i, index in enumerate(wanted)}
-                neurons = torch.tensor([[slot[int(image_index[c, r])], c, int(ys[c, r]), int(xs[c, r])]
-                                        for c, r in keep], dtype=torch.long)
-                images = images.to(device)
-                projections = project(model, images, layer, neurons=neurons.to(device), seed=seed, lrn=lrn,
-                                      backend=backend)
-                field = receptive_field(model, layer, input_size=tuple(images.shape[-2:]))
-                boxes = [tuple(int(v) for v in field.box(int(ys[c, r]), int(xs[c, r]))) for c, r in keep]
-                record.receptive_field = (boxes[0][2] - boxes[0][0], boxes[0][3] - boxes[0][1])
-                projection_patches = crop_patches(projections, boxes, fill=0.0)
-                image_patches = crop_patches(images.index_select(0, neurons[:, 0].to(device)), boxes, fill=0.0)
-                projection_rgb = projections_to_rgb(projection_patches.cpu(), channel_order)
-                patch_rgb = patches_to_rgb(image_patches.cpu(), preprocessing)
-                del projections, images
-            tock = time.perf_counter()
-            seconds["project"] += tock - tick
+    bar = tqdm(total=sum(len(chunk) for _, _, chunk in work), desc="projections and figures", unit="channel",
+               disable=not progress)
+    failure = None  # an error of rank 0 while drawing, reported to the other ranks
+    with bar:
+        # Rounds of `world` chunks, one per rank, so that rank 0 holds at most one round of results.
+        for first in range(0, len(work), world):
+            number = first + rank
+            mine = None
+            if failure is not None:  # rank 0 could not draw: tell the others, then stop
+                mine = ("error", type(failure).__name__, str(failure))
+            elif number < len(work):
+                record, entries, chunk = work[number]
+                tick = time.perf_counter()
+                try:
+                    mine = ("ok", _project_chunk(model, data, record.layer, entries, chunk, batch_size, device, seed,
+                                                 lrn, backend, channel_order, preprocessing),
+                            time.perf_counter() - tick)
+                except Exception as error:
+                    if world == 1:
+                        raise
+                    mine = ("error", type(error).__name__, str(error))
+            results = _shared(mine, world)
+            failed = [(r, result) for r, result in enumerate(results) if result is not None and result[0] == "error"]
+            if failed:
+                if failure is not None:
+                    raise failure
+                r, (_, kind, message) = failed[0]
+                raise (ValueError if kind == "ValueError" else RuntimeError)(
+                    f"visualize: rank {r} of {world} failed to project: {message}")
+            if rank != 0:
+                continue
+            for offset, result in enumerate(results):
+                if result is None:
+                    continue
+                record, entries, chunk = work[first + offset]
+                record.seconds["project"] += result[2]
+                tock = time.perf_counter()
+                try:
+                    _draw_chunk(record, entries, chunk, result[1], k, out, image_names)
+                except Exception as error:
+                    if world == 1:
+                        raise
+                    failure = error
+                    break
+                record.seconds["draw"] += time.perf_counter() - tock
+                bar.update(len(chunk))
 
-            for channel in chunk:
-                rows = [i for i, (c, _) in enumerate(keep) if c == channel]
-                ranks = [keep[i][1] for i in rows]
-                if rows:
-                    picture = channel_figure(projection_rgb[rows], patch_rgb[rows], k)
-                else:  # nothing to show: an empty figure keeps the index complete
-                    picture = channel_figure(torch.zeros(0, 3, 1, 1), torch.zeros(0, 3, 1, 1), k)
-                path = out / _slug(layer) / f"channel_{channel:04d}.png"
-                _save_png(picture, path)
-                indices = [int(image_index[channel, r]) for r in ranks]
-                record.figures.append(ChannelFigure(
-                    layer=layer, channel=channel, path=path,
-                    values=[float(values[channel, r]) for r in ranks],
-                    image_index=indices,
-                    image_names=[image_names[i] if image_names is not None else f"image {i}" for i in indices],
-                    positions=[(int(ys[channel, r]), int(xs[channel, r])) for r in ranks],
-                    boxes=[boxes[i] for i in rows]))
-            seconds["draw"] += time.perf_counter() - tock
-            bar.update(len(chunk))
-        bar.close()
+    index = out / "index.html"
+    if rank == 0 and failure is None:
+        try:
+            _write_overviews_and_index(index, records, out, model, model_name, device, k, seed, lrn, backend)
+        except Exception as error:
+            if world == 1:
+                raise
+            failure = error
+    run = Visualization(out=out, index=index, layers=records)
+    if world > 1:  # every rank returns the records of what rank 0 wrote, or rank 0's error
+        shared = _shared(run if failure is None else ("error", type(failure).__name__, str(failure)), world)[0] \
+            if rank == 0 else _shared(None, world)[0]
+        if failure is not None:
+            raise failure
+        if isinstance(shared, tuple):
+            raise RuntimeError(f"visualize: rank 0 of {world} failed to write the gallery: {shared[2]}")
+        run = shared
+    return run
 
-        if record.figures:
-            tick = time.perf_counter()
-            from PIL import Image
 
-            shown = []
-            for figure in record.figures[:OVERVIEW_CHANNELS]:
-                with Image.open(figure.path) as image:
-                    shown.append(np.asarray(image.convert("RGB")))
-            record.overview = out / f"figure_{_slug(layer)}.png"
-            _save_png(_overview(shown), record.overview)
-            seconds["draw"] += time.perf_counter() - tick
+def _write_overviews_and_index(index: Path, records: List[LayerFigures], out: Path, model, model_name, device, k,
+                               seed, lrn, backend) -> None:
+    """Each layer's overview PNG of its first channels, and the index.html of them all."""
+    from PIL import Image
+
+    from . import __version__
+
+    for record in records:
+        if not record.figures:
+            continue
+        tick = time.perf_counter()
+        shown = []
+        for figure in record.figures[:OVERVIEW_CHANNELS]:
+            with Image.open(figure.path) as image:
+                shown.append(np.asarray(image.convert("RGB")))
+        record.overview = out / f"figure_{_slug(record.layer)}.png"
+        _save_png(_overview(shown), record.overview)
+        record.seconds["draw"] += time.perf_counter() - tick
 
     header = {
         "model": model_name or type(model).__name__,
@@ -363,9 +403,70 @@ def visualize(model: nn.Module, data, layers: Union[str, Sequence[str]], *,
                      f"{platform.system()} {platform.machine()}"),
         "settings": f"k = {k}, seed = {seed!r}, lrn = {lrn!r}, backend = {backend!r}",
     }
-    index = out / "index.html"
     index.write_text(_index_html(header, records, out), encoding="utf-8")
-    return Visualization(out=out, index=index, layers=records)
+
+
+def _shared(payload, world: int) -> list:
+    """Every rank's ``payload``, in rank order, on every rank (just ``[payload]`` in one process)."""
+    if world == 1:
+        return [payload]
+    import torch.distributed as dist
+
+    gathered = [None] * world
+    dist.all_gather_object(gathered, payload)
+    return gathered
+
+
+def _project_chunk(model, data, layer, entries, chunk, batch_size, device, seed, lrn, backend, channel_order,
+                   preprocessing):
+    """Project the top-k of the channels in ``chunk`` on the images they came from, cropped to their
+    receptive fields: ``(keep, boxes, projection_rgb, patch_rgb)`` on the CPU, where ``keep`` lists
+    the (channel, rank) pairs that exist (fewer than k where the data has fewer activations)."""
+    from . import batches, crop_patches, project, receptive_field
+
+    values, image_index, ys, xs = entries
+    keep = [(c, r) for c in chunk for r in range(values.shape[1])
+            if int(image_index[c, r]) >= 0 and bool(torch.isfinite(values[c, r]))]
+    if not keep:
+        return keep, [], None, None
+    wanted = sorted({int(image_index[c, r]) for c, r in keep})
+    images = batches.gather_images(data, wanted, batch_size)
+    slot = {index: i for i, index in enumerate(wanted)}
+    neurons = torch.tensor([[slot[int(image_index[c, r])], c, int(ys[c, r]), int(xs[c, r])]
+                            for c, r in keep], dtype=torch.long)
+    images = images.to(device)
+    projections = project(model, images, layer, neurons=neurons.to(device), seed=seed, lrn=lrn, backend=backend)
+    field = receptive_field(model, layer, input_size=tuple(images.shape[-2:]))
+    boxes = [tuple(int(v) for v in field.box(int(ys[c, r]), int(xs[c, r]))) for c, r in keep]
+    projection_patches = crop_patches(projections, boxes, fill=0.0)
+    image_patches = crop_patches(images.index_select(0, neurons[:, 0].to(device)), boxes, fill=0.0)
+    return keep, boxes, projections_to_rgb(projection_patches.cpu(), channel_order), \
+        patches_to_rgb(image_patches.cpu(), preprocessing)
+
+
+def _draw_chunk(record: LayerFigures, entries, chunk, projected, k: int, out: Path, image_names) -> None:
+    """Write one PNG per channel of ``chunk`` from its projections, and add its figure to ``record``."""
+    values, image_index, ys, xs = entries
+    keep, boxes, projection_rgb, patch_rgb = projected
+    if boxes:
+        record.receptive_field = (boxes[0][2] - boxes[0][0], boxes[0][3] - boxes[0][1])
+    for channel in chunk:
+        rows = [i for i, (c, _) in enumerate(keep) if c == channel]
+        ranks = [keep[i][1] for i in rows]
+        if rows:
+            picture = channel_figure(projection_rgb[rows], patch_rgb[rows], k)
+        else:  # nothing to show: an empty figure keeps the index complete
+            picture = channel_figure(torch.zeros(0, 3, 1, 1), torch.zeros(0, 3, 1, 1), k)
+        path = out / _slug(record.layer) / f"channel_{channel:04d}.png"
+        _save_png(picture, path)
+        indices = [int(image_index[channel, r]) for r in ranks]
+        record.figures.append(ChannelFigure(
+            layer=record.layer, channel=channel, path=path,
+            values=[float(values[channel, r]) for r in ranks],
+            image_index=indices,
+            image_names=[image_names[i] if image_names is not None else f"image {i}" for i in indices],
+            positions=[(int(ys[channel, r]), int(xs[channel, r])) for r in ranks],
+            boxes=[boxes[i] for i in rows]))
 
 
 def _device_description(device: torch.device) -> str:
