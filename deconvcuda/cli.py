@@ -2,6 +2,7 @@
 
     deconvcuda visualize                                   # the embedded VGG16 on the bundled photos -> out/
     deconvcuda visualize --model alexnet --weights alexnet.pth --images photos/ --layers features.11
+    python -m torch.distributed.run --nproc_per_node=8 -m deconvcuda visualize ...   # 8 processes share the work
 
 Exit status: 0 on success, 2 for usage errors (a bad option, a missing file or directory, an unknown
 layer or channel, a weights file that does not fit the model), 1 when the work itself fails.
@@ -9,6 +10,7 @@ layer or channel, a weights file that does not fit the model), 1 when the work i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -171,18 +173,60 @@ def _load_images(args, size: int):
             raise UsageError(f"--images: {error}") from None
         except ValueError as error:
             raise UsageError(f"--images: {error}") from None
-    for warning in caught:
+    from .scan import process_group
+
+    for warning in caught if process_group()[0] == 0 else ():  # every rank reads the same files: warn once
         print(f"{PROG} visualize: warning: {warning.message}", file=sys.stderr)
     return images
 
 
+@contextlib.contextmanager
+def _torchrun_group(device_name: Optional[str]):
+    """Under torchrun (``WORLD_SIZE`` > 1 in the environment, no process group yet): a process group
+    for the command's lifetime, gloo on the CPU, NCCL on GPUs (rank ``LOCAL_RANK`` on GPU
+    ``cuda:LOCAL_RANK`` unless ``--device`` names one). Yields ``(device, rank, world_size)``."""
+    import torch.distributed as dist
+
+    from .scan import process_group
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or "1")
+    if world <= 1 or not dist.is_available() or dist.is_initialized():
+        yield (_device(device_name),) + process_group()
+        return
+    device = _device(device_name)
+    if device.type == "cuda":
+        if device.index is None:
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            if local_rank >= torch.cuda.device_count():
+                raise UsageError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes on this "
+                                 f"node but it has {torch.cuda.device_count()} CUDA device(s): use "
+                                 f"--nproc_per_node={torch.cuda.device_count()} or --device cpu")
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device, dist.get_rank(), dist.get_world_size()
+    finally:
+        dist.destroy_process_group()
+
+
 def visualize_command(args) -> int:
+    with _torchrun_group(args.device) as (device, rank, world):
+        return _visualize(args, device, rank, world)
+
+
+def _visualize(args, device: torch.device, rank: int, world: int) -> int:
+    """The command in one process of ``world``: every process scans and projects its share, rank 0
+    alone prints and writes."""
     from . import models
     from .figures import visualize
 
-    device = _device(args.device)
     try:
-        model = models.build(args.model, weights=args.weights)
+        # Random weights (no --weights) from a fixed seed: every process of a torchrun builds the
+        # same model, and two runs draw the same gallery. The caller's random state is left alone.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = models.build(args.model, weights=args.weights)
     except (FileNotFoundError, IsADirectoryError) as error:
         raise UsageError(f"--weights: {error}") from None
     except ValueError as error:
@@ -202,16 +246,21 @@ def visualize_command(args) -> int:
                                  f"so {', '.join(map(str, bad[:10]))} do not exist")
 
     where = "the bundled photos" if args.images is None else args.images
-    print(f"{PROG}: {args.model} on {device}, {len(images)} images of {where} at "
-          f"{args.image_size}x{args.image_size}, layers {', '.join(layers)}", file=sys.stderr)
+    processes = f" in {world} processes" if world > 1 else ""
+    if rank == 0:
+        print(f"{PROG}: {args.model} on {device}{processes}, {len(images)} images of {where} at "
+              f"{args.image_size}x{args.image_size}, layers {', '.join(layers)}", file=sys.stderr)
     run = visualize(model, inputs, layers, channels=args.channels, k=args.top, out=args.out,
                     image_names=images.names, preprocessing=model.preprocessing, batch_size=args.batch_size,
                     device=device, seed=args.seed, lrn=args.lrn, backend=args.backend,
                     progress=not args.no_progress,
                     max_channels=None if args.channels is not None else args.max_channels,
                     model_name=args.model if args.weights is None else f"{args.model} ({args.weights})")
-    print(f"wrote {len(run.figures)} figures of {len(run.layers)} layers to {os.path.join(str(run.out), '')}; "
-          f"open {run.index}")
+    if rank == 0:
+        shares = f" ({' + '.join(map(str, run.images_per_rank))} by the {world} processes)" if world > 1 else ""
+        print(f"{PROG}: scanned {sum(run.images_per_rank)} images{shares}", file=sys.stderr)
+        print(f"wrote {len(run.figures)} figures of {len(run.layers)} layers to {os.path.join(str(run.out), '')}; "
+              f"open {run.index}")
     return 0
 
 

@@ -83,6 +83,7 @@ class Visualization:
     out: Path
     index: Path
     layers: List[LayerFigures]
+    images_per_rank: Tuple[int, ...] = ()   # images each process scanned (one entry without torch.distributed)
 
     @property
     def figures(self) -> List[ChannelFigure]:
@@ -364,7 +365,7 @@ def visualize(model: nn.Module, data, layers: Union[str, Sequence[str]], *,
             if world == 1:
                 raise
             failure = error
-    run = Visualization(out=out, index=index, layers=records)
+    run = Visualization(out=out, index=index, layers=records, images_per_rank=tops[layers[0]].images_per_rank)
     if world > 1:  # every rank returns the records of what rank 0 wrote, or rank 0's error
         shared = _shared(run if failure is None else ("error", type(failure).__name__, str(failure)), world)[0] \
             if rank == 0 else _shared(None, world)[0]

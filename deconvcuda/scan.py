@@ -55,7 +55,8 @@ class TopActivations:
     position in the data, counting from 0 in the order the data yields images); ``y``, ``x`` [C, k]
     (the position in the layer's output map; 0 for a flat layer). Where the data holds fewer than k
     images, the missing entries have ``image_index == -1``, ``y == x == -1`` and value ``-inf``.
-    NaN activations are never ranked.
+    NaN activations are never ranked. ``images_per_rank``: how many images each process of the scan
+    read and ranked (one entry without torch.distributed; unreadable items not counted).
     """
 
     layer: str
@@ -63,6 +64,7 @@ class TopActivations:
     image_index: torch.Tensor
     y: torch.Tensor
     x: torch.Tensor
+    images_per_rank: Tuple[int, ...] = ()
 
     @property
     def k(self) -> int:
@@ -81,7 +83,8 @@ class TopActivations:
 
     def to(self, device) -> "TopActivations":
         """The same entries on ``device``."""
-        return TopActivations(self.layer, *(getattr(self, name).to(device) for name in _FIELDS))
+        return TopActivations(self.layer, *(getattr(self, name).to(device) for name in _FIELDS),
+                              images_per_rank=self.images_per_rank)
 
     def state_dict(self) -> Dict[str, object]:
         """The entries as plain CPU tensors and the layer name (what ``save`` writes)."""
@@ -289,7 +292,8 @@ def _merge_layer(tops: List[TopActivations], caller: str) -> TopActivations:
         raise ValueError(f"{caller}: image {int(in_order[channel, where + 1])} is ranked in channel {channel} of "
                          f"more than one scan of {first.layer!r}: the scans overlap; merge scans of disjoint parts "
                          "(shard=(i, n) gives those)")
-    return TopActivations(first.layer, *_rank(*fields, k=first.k, by_index=True))
+    return TopActivations(first.layer, *_rank(*fields, k=first.k, by_index=True),
+                          images_per_rank=sum((top.images_per_rank for top in tops), ()))
 
 
 def _atomic_save(payload, path) -> None:
@@ -541,7 +545,9 @@ def top_activations(model: nn.Module, data, layer=None, k: int = 9, *, layers=No
     if outcome.scanned == 0 and outcome.tops is None:
         raise ValueError(f"{caller}: data holds no images" + ("" if source.count is None or source.count == 0
                                                                else " that could be read"))
-    tops = {name: outcome.tops[name].to(device) for name in names}
+    per_rank = outcome.per_rank or (outcome.scanned,)
+    tops = {name: TopActivations(name, *(getattr(outcome.tops[name], field).to(device) for field in _FIELDS),
+                                 images_per_rank=per_rank) for name in names}
     return tops[names[0]] if single else tops
 
 
@@ -553,6 +559,7 @@ class _Outcome:
     tops: Optional[Dict[str, TopActivations]]
     scanned: int
     input_info: Optional[Tuple[Tuple[int, ...], str]]
+    per_rank: Tuple[int, ...] = ()
 
     def portable(self) -> dict:
         """As plain CPU objects, for all_gather_object."""
@@ -568,14 +575,14 @@ class _Outcome:
                               for rank, report in with_images)
             raise ValueError(f"{caller}: every image must have the shape and dtype of the first, but the ranks read "
                              f"different ones ({shown}); resize the images to one size")
-        scanned = sum(report["scanned"] for report in reports)
+        per_rank = tuple(report["scanned"] for report in reports)
         if not with_images:
-            return cls(None, scanned, None)
+            return cls(None, sum(per_rank), None, per_rank)
         tops = {}
         for name in names:
             parts = [TopActivations.from_state_dict(report["tops"][name], caller).to(device) for _, report in with_images]
             tops[name] = parts[0] if len(parts) == 1 else _merge_layer(parts, caller)
-        return cls(tops, scanned, with_images[0][1]["input"])
+        return cls(tops, sum(per_rank), with_images[0][1]["input"], per_rank)
 
 
 def _scan(graph, names: List[str], k: int, source: batches.DataSource, start: int, stop: Optional[int],
