@@ -1,36 +1,41 @@
-"""The projection engine: forward with switches, seeds, reverse to pixels.
+"""The projection engine: forward with switches, seeds, reverse over the graph to pixels.
 
     r = project(model, images, "features.10", channel=7)                  # each image's strongest activation
-    r = project(model, images, "features.10", neurons=idx)                # idx: [P, 4] = (image, channel, y, x)
+    r = project(model, images, "layer3.1", neurons=idx, rule="guided")    # idx: [P, 4] = (image, channel, y, x)
 
-Data flows one way (DESIGN.md): the plan (deconvcuda.plan) lists the layers from the input to the
-target; ``_forward`` runs them with functional ops on the images' device and dtype, keeping each
-max pool's switches and each LRN's input; the seeds are put into a map shaped like the target's
-output; the reverse undoes the layers from the target down to the input.
+Data flows one way (DESIGN.md): the graph (deconvcuda.graph) lists the nodes from the images to the
+target layer; the forward runs them with functional ops on the images' device and dtype, keeping what
+each node's reverse reads (a max pool's switches, an LRN's input, a rectifier's mask under the guided
+and gradient rules); the seeds are put into a map shaped like the target's output; the reverse walks
+the nodes backwards, each node's kind undoing its layer under the chosen rule, and a node read by
+several consumers receives the sum of their gradients.
 
-The reverse runs in one of two ways per layer:
-- full maps ``[P, C, H, W]``: the whole-map seed, flat layers, and every layer of the reference backend;
+The reverse runs each node in one of two ways:
+- full maps ``[P, C, H, W]``: the whole-map seed, flat layers, and every node of the reference backend;
 - windows (native backend, point seeds): a single activation's projection is non-zero only inside
-  its receptive field, so each projection carries just that window of every feature map,
-  ``[P, C, h, w]`` with a per-projection origin. All windows of a layer have the same size (it only
-  depends on the geometry); they are computed with padding 0 and the positions that lie outside the
-  real feature map, which stand for its zero padding, are zeroed after every layer that spreads
-  values. When a window would be at least as large as the map, the engine switches to full maps.
-Both give the same numbers: the tests compare them.
+  its receptive field, so each projection carries just that window of every feature map (see
+  deconvcuda.windows), united where branches meet. When a window would be at least as large as the
+  map, that node and everything below it that it feeds switches to full maps.
+Conv -> ReLU -> max pool chains whose inner nodes have one consumer each are reversed by one fused
+kernel call (native backend). Both ways and both backends give the same numbers: the tests compare them.
 """
 from __future__ import annotations
 
+import inspect
 import numbers
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import plan as plans
+from . import kinds
+from .graph import Graph, Node, trace
+from .kinds import LRN_MODES, RULES, At, Keeper
+from .kinds.base import numel
+from .windows import Windows
 
-__all__ = ["project", "OutOfRangeError", "DtypeError"]
+__all__ = ["project", "OutOfRangeError", "DtypeError", "RULES", "SEEDS", "LRN_MODES", "BACKENDS"]
 
 
 class OutOfRangeError(IndexError, ValueError):
@@ -42,8 +47,8 @@ class DtypeError(TypeError, ValueError):
     """A tensor argument with the wrong dtype: a TypeError (of its elements) and a ValueError (the
     argument is a tensor, as expected, whose dtype is not)."""
 
+
 SEEDS = ("value", "one")
-LRN_MODES = ("gradient", "identity")
 BACKENDS = ("auto", "reference")
 
 # Projections are processed in chunks whose largest feature map (per chunk, in elements) stays
@@ -74,493 +79,106 @@ class _Kernels:
         self.unpool_relu_deconv2d = ops.unpool_relu_deconv2d
         # the reference stays deliberately simple: full maps, one op per layer
         self.crop = self.fuse = backend != "reference"
-
-
-def _cast(tensor: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
-    """A parameter in the images' dtype and on their device (a copy where either differs; the
-    model's own tensor is never written)."""
-    return None if tensor is None else tensor.detach().to(device=like.device, dtype=like.dtype)
+        # whether the fused ops take the rule (guided, gradient) themselves
+        self.fuse_every_rule = "rule" in inspect.signature(ops.unpool_relu).parameters
 
 
 # --------------------------------------------------------------------------------------------- #
-# Forward
+# The reverse program: one unit per node, or per fused conv -> ReLU -> max pool chain
 # --------------------------------------------------------------------------------------------- #
 
 @dataclass
-class _Forward:
-    """What the forward leaves behind: the target's activations, and per step what its reverse
-    reads (a max pool's switches, an LRN's input), stored channels-last ([N, H, W, C]) so that
-    a window of any projection is a gather of contiguous rows."""
+class _Unit:
+    """The reverse of one node (or of a fused chain ending in ``node``): takes the gradient at
+    ``node``'s output and gives the gradients at the outputs of ``inputs``."""
 
-    output: torch.Tensor
-    saved: List[Optional[torch.Tensor]]
+    node: Node
+    inputs: List[Node]
+    in_shapes: List[Tuple[int, ...]]
+    out_shape: Tuple[int, ...]
+    saved: object
+    run: Callable[[torch.Tensor, At], List[torch.Tensor]]
+    grow: Callable[[Windows], Windows]
+    windowed: bool
+    inner_channels: List[int]  # channels of the maps a fused chain passes through (for memory bounds)
 
-
-def run_forward(plan: plans.Plan, images: torch.Tensor, kernels: Optional[_Kernels] = None,
-                keep_lrn_inputs: bool = False) -> _Forward:
-    """Run ``plan``'s steps on ``images`` with functional ops (eval semantics: BatchNorm's running
-    statistics, Dropout left out). With ``kernels``, max pools record their switches."""
-    x = images
-    saved: List[Optional[torch.Tensor]] = []
-    for step in plan.steps:
-        keep = None
-        if isinstance(step, plans.Conv):
-            x = F.conv2d(x, _cast(step.weight, x), _cast(step.bias, x), step.stride, step.padding, step.dilation,
-                         step.groups)
-        elif isinstance(step, plans.ReLU):
-            x = torch.relu(x)  # out of place: an in-place ReLU of the model cannot clobber a saved tensor
-        elif isinstance(step, plans.MaxPool):
-            if kernels is None:
-                x = F.max_pool2d(x, step.kernel_size, step.stride, step.padding, step.dilation, step.ceil_mode)
-            else:
-                x, switches = kernels.max_pool2d_switches(x, step.kernel_size, step.stride, step.padding,
-                                                          step.dilation, step.ceil_mode)
-                keep = _channels_last_rows(switches)
-        elif isinstance(step, plans.LocalResponseNorm):
-            if keep_lrn_inputs:
-                keep = _channels_last_rows(x)
-            x = _local_response_norm(x, step)
-        elif isinstance(step, plans.BatchNorm):
-            x = F.batch_norm(x, _cast(step.running_mean, x), _cast(step.running_var, x), _cast(step.weight, x),
-                             _cast(step.bias, x), False, 0.0, step.eps)
-        elif isinstance(step, plans.AvgPool):
-            x = F.avg_pool2d(x, step.kernel_size, step.stride, step.padding, step.ceil_mode, step.count_include_pad,
-                             step.divisor_override)
-        elif isinstance(step, plans.AdaptiveAvgPool):
-            x = F.adaptive_avg_pool2d(x, step.output_size)
-        elif isinstance(step, plans.Flatten):
-            x = x.flatten(1)
-        elif isinstance(step, plans.Linear):
-            x = F.linear(x, _cast(step.weight, x), _cast(step.bias, x))
-        else:  # the plan only makes the steps above
-            raise TypeError(f"run_forward: unknown step {step!r}")
-        saved.append(keep)
-    return _Forward(x, saved)
-
-
-def _local_response_norm(x: torch.Tensor, step: plans.LocalResponseNorm) -> torch.Tensor:
-    """F.local_response_norm computed in float32 (or wider) and rounded back to ``x``'s dtype:
-    PyTorch's LRN (avg_pool3d) has no float16/bfloat16 kernel on the CPU, so half-precision images
-    failed there; float32 is also what the kernels accumulate half precision in."""
-    wide = torch.promote_types(x.dtype, torch.float32)
-    return F.local_response_norm(x.to(wide), step.size, step.alpha, step.beta, step.k).to(x.dtype)
-
-
-def _channels_last_rows(t: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] -> [N, H, W, C] contiguous (one row of C values per image position)."""
-    return t.permute(0, 2, 3, 1).contiguous()
-
-
-def _rows(saved: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """The whole saved maps of the given images, as [P, C, H, W] (channels-last strides)."""
-    return saved.index_select(0, images).permute(0, 3, 1, 2)
-
-
-# --------------------------------------------------------------------------------------------- #
-# Windows
-# --------------------------------------------------------------------------------------------- #
-
-@dataclass
-class _Windows:
-    """Per projection, the window of a feature map its gradient can be non-zero in: rows
-    [top, top + height) and columns [left, left + width), in map coordinates (they may reach
-    past the map's borders; those positions hold zeros)."""
-
-    top: torch.Tensor   # [P] int64
-    left: torch.Tensor  # [P] int64
-    height: int
-    width: int
-
-    def grow(self, extent: Sequence[int], stride: Sequence[int], padding: Sequence[int]) -> "_Windows":
-        """The input window of a conv/pool with this (dilated) kernel extent, stride and padding: the
-        window at the output reads input rows top * stride - padding ... (bottom) * stride - padding + extent."""
-        return _Windows(self.top * stride[0] - padding[0], self.left * stride[1] - padding[1],
-                        (self.height - 1) * stride[0] + extent[0], (self.width - 1) * stride[1] + extent[1])
-
-    def positions(self, size: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Plane-flat indices [P, h * w] into a map of ``size`` (clamped inside it) and whether each
-        position really lies inside."""
-        rows = self.top[:, None] + torch.arange(self.height, device=self.top.device)
-        cols = self.left[:, None] + torch.arange(self.width, device=self.left.device)
-        valid = (((rows >= 0) & (rows < size[0]))[:, :, None] & ((cols >= 0) & (cols < size[1]))[:, None, :])
-        flat = rows.clamp(0, size[0] - 1)[:, :, None] * size[1] + cols.clamp(0, size[1] - 1)[:, None, :]
-        return flat.flatten(1), valid.flatten(1)
-
-    def inside(self, size: Sequence[int]) -> torch.Tensor:
-        """[P, 1, h, w]: whether each window position lies inside a map of ``size``."""
-        return self.positions(size)[1].view(-1, 1, self.height, self.width)
-
-    def crop(self, saved: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """Each projection's window of a saved channels-last map [N, H, W, C] -> [P, C, h, w]
-        (channels-last strides). Positions outside the map hold a clamped neighbour's value."""
-        n, h, w, c = saved.shape
-        flat, _ = self.positions((h, w))
-        rows = (images[:, None] * (h * w) + flat).flatten()
-        return saved.reshape(n * h * w, c).index_select(0, rows).view(
-            -1, self.height, self.width, c).permute(0, 3, 1, 2)
-
-    def zero_outside(self, g: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        return torch.where(self.inside(size), g, torch.zeros((), dtype=g.dtype, device=g.device))
-
-    def paste(self, g: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        """The windows [P, C, h, w] placed into zero maps [P, C, H, W]. Positions outside the map go
-        to one extra slot that is dropped, so every real position is written once (deterministic)."""
-        p, c = g.shape[:2]
-        flat, valid = self.positions(size)
-        plane = size[0] * size[1]
-        flat = torch.where(valid, flat, torch.full_like(flat, plane))
-        out = g.new_zeros(p, c, plane + 1)
-        out.scatter_(2, flat[:, None, :].expand(p, c, flat.shape[1]), g.reshape(p, c, -1))
-        return out[:, :, :plane].reshape(p, c, size[0], size[1])
-
-
-def _extent(kernel: Sequence[int], dilation: Sequence[int]) -> Tuple[int, int]:
-    return tuple(dilation[i] * (kernel[i] - 1) + 1 for i in range(2))
-
-
-# --------------------------------------------------------------------------------------------- #
-# Reverse steps
-# --------------------------------------------------------------------------------------------- #
-
-class _Reverse:
-    """The reverse of one step (or of a fused run of steps). ``out_shape`` is the per-image shape
-    it receives (the forward output), ``in_shape`` the one it returns. ``full`` maps whole
-    [P, ...] gradients; ``window`` maps windows and returns the input windows (only where
-    ``windowed`` is true)."""
-
-    windowed = True
-
-    def __init__(self, in_shape, out_shape):
-        self.in_shape = tuple(in_shape)
-        self.out_shape = tuple(out_shape)
-
-    def grow(self, windows: _Windows) -> _Windows:
-        return windows
-
-    def full(self, g: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def window(self, g: torch.Tensor, images: torch.Tensor, windows: _Windows) -> torch.Tensor:
-        return self.full(g, images)  # pointwise steps: the same op on a window
-
-    def peak_elements(self, height: Optional[int] = None, width: Optional[int] = None) -> int:
-        """Elements per projection of the largest map this step touches (full maps, or windows of
-        the given output size)."""
-        if height is None:
-            return max(_numel(self.in_shape), _numel(self.out_shape))
-        grown = self.grow(_Windows(torch.zeros(0), torch.zeros(0), height, width))
-        return max(self.out_shape[0] * height * width, self.in_shape[0] * grown.height * grown.width)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-class _ReLU(_Reverse):
-    def full(self, g, images):
-        return torch.relu(g)
-
-
-class _BatchNorm(_Reverse):
-    def __init__(self, in_shape, out_shape, step: plans.BatchNorm, like: torch.Tensor):
-        super().__init__(in_shape, out_shape)
-        # gamma / sqrt(var + eps), rounded once from float32 or better
-        wide = torch.promote_types(like.dtype, torch.float32)
-        var = step.running_var.detach().to(device=like.device, dtype=wide)
-        gamma = torch.ones_like(var) if step.weight is None else step.weight.detach().to(like.device, wide)
-        self.scale = (gamma / torch.sqrt(var + step.eps)).to(like.dtype).view(1, -1, 1, 1)
-
-    def full(self, g, images):
-        return g * self.scale
-
-
-class _LocalResponseNorm(_Reverse):
-    """The true gradient of F.local_response_norm at the saved input. LRN mixes channels at one
-    position only, so a window's gradient needs the input on that window alone."""
-
-    def __init__(self, in_shape, out_shape, step: plans.LocalResponseNorm, saved: torch.Tensor):
-        super().__init__(in_shape, out_shape)
-        self.step, self.saved = step, saved
-
-    def _gradient(self, x, g):
-        # in float32 or wider, like the forward (_local_response_norm): no half-precision CPU kernel
-        wide = torch.promote_types(g.dtype, torch.float32)
-        with torch.enable_grad():
-            x = x.detach().to(wide).requires_grad_(True)
-            y = F.local_response_norm(x, self.step.size, self.step.alpha, self.step.beta, self.step.k)
-            (grad,) = torch.autograd.grad(y, x, g.to(wide))
-        return grad.to(g.dtype)
-
-    def full(self, g, images):
-        return self._gradient(_rows(self.saved, images), g)
-
-    def window(self, g, images, windows):
-        grad = self._gradient(windows.crop(self.saved, images), g)
-        return windows.zero_outside(grad, self.in_shape[1:])  # the clamped input there is not the map's
-
-
-class _Deconv(_Reverse):
-    def __init__(self, in_shape, out_shape, step: plans.Conv, kernels: _Kernels, like: torch.Tensor):
-        super().__init__(in_shape, out_shape)
-        self.step, self.kernels, self.weight = step, kernels, _cast(step.weight, like)
-
-    def grow(self, windows):
-        return windows.grow(_extent(self.step.kernel_size, self.step.dilation), self.step.stride, self.step.padding)
-
-    def full(self, g, images):
-        s = self.step
-        return self.kernels.deconv2d(g, self.weight, s.stride, s.padding, s.dilation, s.groups, self.in_shape[1:])
-
-    def window(self, g, images, windows):
-        s = self.step
+    def peak_elements(self, windows: Optional[Windows]) -> int:
+        """Elements per projection of the largest map this unit touches (full maps, or windows)."""
+        if windows is None:
+            return max([numel(self.out_shape)] + [numel(s) for s in self.in_shapes])
         grown = self.grow(windows)
-        g = self.kernels.deconv2d(g, self.weight, s.stride, 0, s.dilation, s.groups, (grown.height, grown.width))
-        return grown.zero_outside(g, self.in_shape[1:])  # there the forward read its zero padding
+        channels = max([s[0] for s in self.in_shapes] + self.inner_channels)
+        return max(self.out_shape[0] * windows.height * windows.width, channels * grown.height * grown.width)
 
 
-def _unpool_sum(grad: torch.Tensor, switches: torch.Tensor, input_size, kernel, stride, padding,
-                dilation) -> torch.Tensor:
-    """The plain switch unpooling (no ReLU): each pooled value goes to its window's switch and
-    overlapping windows add up. One strided add per kernel tap, so no scatter and no atomics."""
-    n, c, pooled_h, pooled_w = grad.shape
-    span = [(grad.shape[2 + i] - 1) * stride[i] + dilation[i] * (kernel[i] - 1) + 1 for i in range(2)]
-    wide = torch.promote_types(grad.dtype, torch.float32)
-    buffer = grad.new_zeros(n, c, max(span[0], padding[0] + input_size[0]), max(span[1], padding[1] + input_size[1]),
-                            dtype=wide)
-    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
-    for ky in range(kernel[0]):
-        for kx in range(kernel[1]):
-            chosen = torch.where(switches == ky * kernel[1] + kx, grad, zero)
-            y0, x0 = ky * dilation[0], kx * dilation[1]
-            buffer[:, :, y0:y0 + (pooled_h - 1) * stride[0] + 1:stride[0],
-                   x0:x0 + (pooled_w - 1) * stride[1] + 1:stride[1]] += chosen
-    return buffer[:, :, padding[0]:padding[0] + input_size[0], padding[1]:padding[1] + input_size[1]].to(grad.dtype)
+def _fusable_chain(pool: Node, graph: Graph, kernels: _Kernels, rule: str) -> List[Node]:
+    """The ReLU (and conv) below a max pool that one fused kernel call can reverse with it: each
+    feeds only the next, so nothing else needs their gradients."""
+    if not (kernels.fuse and isinstance(pool.kind, kinds.MaxPool)):
+        return []
+    if rule != "deconvnet" and not kernels.fuse_every_rule:
+        return []
+    relu = pool.inputs[0]
+    if type(relu.kind) is not kinds.ReLU or relu.consumers != [pool] or relu in graph.targets.values():
+        return []
+    conv = relu.inputs[0]
+    if isinstance(conv.kind, kinds.Conv) and conv.consumers == [relu]:
+        return [relu, conv]
+    return [relu]
 
 
-class _Unpool(_Reverse):
-    """MaxPool2d's reverse; with ``relu`` also the ReLU that precedes the pool in the forward
-    (one unpool_relu op). Unpooled values only land on switches, which lie inside the map, so a
-    window needs no zeroing."""
-
-    def __init__(self, in_shape, out_shape, step: plans.MaxPool, switches: torch.Tensor, relu: bool,
-                 kernels: _Kernels):
-        super().__init__(in_shape, out_shape)
-        self.step, self.switches, self.relu, self.kernels = step, switches, relu, kernels
-
-    def grow(self, windows):
-        return windows.grow(_extent(self.step.kernel_size, self.step.dilation), self.step.stride, self.step.padding)
-
-    def _unpool(self, g, switches, input_size, padding):
-        s = self.step
-        if self.relu:
-            return self.kernels.unpool_relu(g, switches, input_size, s.kernel_size, s.stride, padding, s.dilation)
-        return _unpool_sum(g, switches, input_size, s.kernel_size, s.stride, _pair(padding), s.dilation)
-
-    def full(self, g, images):
-        return self._unpool(g, _rows(self.switches, images), self.in_shape[1:], self.step.padding)
-
-    def window(self, g, images, windows):
-        grown = self.grow(windows)
-        return self._unpool(g, windows.crop(self.switches, images), (grown.height, grown.width), 0)
-
-
-class _UnpoolReluDeconv(_Reverse):
-    """The reverse of conv -> ReLU -> max pool in one fused op (native backend)."""
-
-    def __init__(self, in_shape, mid_shape, out_shape, pool: plans.MaxPool, switches: torch.Tensor,
-                 conv: plans.Conv, kernels: _Kernels, like: torch.Tensor):
-        super().__init__(in_shape, out_shape)
-        self.mid_shape = tuple(mid_shape)
-        self.pool, self.switches, self.conv, self.kernels = pool, switches, conv, kernels
-        self.weight = _cast(conv.weight, like)
-
-    def _grow_pool(self, windows):
-        return windows.grow(_extent(self.pool.kernel_size, self.pool.dilation), self.pool.stride, self.pool.padding)
-
-    def grow(self, windows):
-        return self._grow_pool(windows).grow(_extent(self.conv.kernel_size, self.conv.dilation), self.conv.stride,
-                                             self.conv.padding)
-
-    def peak_elements(self, height=None, width=None):
-        if height is None:
-            return max(_numel(self.in_shape), _numel(self.mid_shape), _numel(self.out_shape))
-        mid = self._grow_pool(_Windows(torch.zeros(0), torch.zeros(0), height, width))
-        return max(super().peak_elements(height, width), self.mid_shape[0] * mid.height * mid.width)
-
-    def full(self, g, images):
-        p, c = self.pool, self.conv
-        return self.kernels.unpool_relu_deconv2d(
-            g, _rows(self.switches, images), self.weight, self.mid_shape[1:], p.kernel_size, p.stride, p.padding,
-            p.dilation, c.stride, c.padding, c.dilation, c.groups, self.in_shape[1:])
-
-    def window(self, g, images, windows):
-        p, c = self.pool, self.conv
-        mid = self._grow_pool(windows)
-        grown = self.grow(windows)
-        g = self.kernels.unpool_relu_deconv2d(
-            g, windows.crop(self.switches, images), self.weight, (mid.height, mid.width), p.kernel_size, p.stride, 0,
-            p.dilation, c.stride, 0, c.dilation, c.groups, (grown.height, grown.width))
-        return grown.zero_outside(g, self.in_shape[1:])
-
-
-def _linear_vjp(function, in_shape, g: torch.Tensor) -> torch.Tensor:
-    """The gradient of a linear ``function`` (average pools) at any point: autograd at zeros."""
-    with torch.enable_grad():
-        x = g.new_zeros((g.shape[0],) + tuple(in_shape), requires_grad=True)
-        (grad,) = torch.autograd.grad(function(x), x, g)
-    return grad
-
-
-def _avg_pool_divisors(pooled: int, size: int, kernel: int, stride: int, padding: int,
-                       count_include_pad: bool) -> List[int]:
-    """Along one axis, the count F.avg_pool2d divides each window's sum by (PyTorch's rule: the
-    window clipped to the padded input, or to the input itself without count_include_pad). The
-    2-D divisor is the product of both axes' counts."""
-    divisors = []
-    for o in range(pooled):
-        start = o * stride - padding
-        end = min(start + kernel, size + padding)
-        inside = min(end, size) - max(start, 0)
-        divisors.append(max(end - start if count_include_pad else inside, 1))
-    return divisors
-
-
-class _AvgPool(_Reverse):
-    def __init__(self, in_shape, out_shape, step: plans.AvgPool, like: torch.Tensor):
-        super().__init__(in_shape, out_shape)
-        self.step = step
-        s = step
-        if s.divisor_override:
-            self.divisors = None
-        else:
-            self.divisors = [torch.tensor(_avg_pool_divisors(out_shape[1 + i], in_shape[1 + i], s.kernel_size[i],
-                                                             s.stride[i], s.padding[i], s.count_include_pad),
-                                          dtype=like.dtype, device=like.device) for i in range(2)]
-        self.ones = torch.ones(in_shape[0], 1, *s.kernel_size, dtype=like.dtype, device=like.device)
-
-    def grow(self, windows):
-        return windows.grow(self.step.kernel_size, self.step.stride, self.step.padding)
-
-    def full(self, g, images):
-        s = self.step
-        return _linear_vjp(lambda x: F.avg_pool2d(x, s.kernel_size, s.stride, s.padding, s.ceil_mode,
-                                                  s.count_include_pad, s.divisor_override), self.in_shape, g)
-
-    def window(self, g, images, windows):
-        # each input position of a window gets g / divisor from every window covering it: a
-        # depthwise transposed conv with a kernel of ones, after dividing by the divisors
-        s = self.step
-        if self.divisors is None:
-            g = g / s.divisor_override
-        else:
-            rows = (windows.top[:, None] + torch.arange(windows.height, device=g.device)).clamp(0, self.out_shape[1] - 1)
-            cols = (windows.left[:, None] + torch.arange(windows.width, device=g.device)).clamp(0, self.out_shape[2] - 1)
-            g = g / (self.divisors[0][rows][:, None, :, None] * self.divisors[1][cols][:, None, None, :])
-        grown = self.grow(windows)
-        g = F.conv_transpose2d(g, self.ones, stride=s.stride, groups=self.in_shape[0])
-        return grown.zero_outside(g, self.in_shape[1:])
-
-
-class _AdaptiveAvgPool(_Reverse):
-    windowed = False  # its windows differ in size from one output to the next
-
-    def __init__(self, in_shape, out_shape, step: plans.AdaptiveAvgPool):
-        super().__init__(in_shape, out_shape)
-        self.step = step
-
-    def full(self, g, images):
-        return _linear_vjp(lambda x: F.adaptive_avg_pool2d(x, self.step.output_size), self.in_shape, g)
-
-
-class _Flatten(_Reverse):
-    windowed = False
-
-    def full(self, g, images):
-        return g.reshape((g.shape[0],) + self.in_shape)
-
-
-class _Linear(_Reverse):
-    windowed = False
-
-    def __init__(self, in_shape, out_shape, step: plans.Linear, like: torch.Tensor):
-        super().__init__(in_shape, out_shape)
-        self.weight = _cast(step.weight, like)
-
-    def full(self, g, images):
-        return g @ self.weight  # W^T g for each row
-
-
-def _pair(value) -> Tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
-
-
-def _reverse_program(plan: plans.Plan, shapes, forward: _Forward, kernels: _Kernels, lrn: str,
-                     like: torch.Tensor) -> List[_Reverse]:
-    """The reverse steps from the target down to the input, fusing where the kernels can:
-    MaxPool preceded (in the forward) by a ReLU -> unpool_relu; and by ReLU and Conv ->
-    unpool_relu_deconv2d (native backend only)."""
-    steps = plan.steps
-    program: List[_Reverse] = []
-    i = len(steps) - 1
-    while i >= 0:
-        step, in_shape, out_shape = steps[i], shapes[i], shapes[i + 1]
-        if isinstance(step, plans.MaxPool):
-            relu_before = i >= 1 and isinstance(steps[i - 1], plans.ReLU)
-            if relu_before and kernels.fuse and i >= 2 and isinstance(steps[i - 2], plans.Conv):
-                program.append(_UnpoolReluDeconv(shapes[i - 2], in_shape, out_shape, step, forward.saved[i],
-                                                 steps[i - 2], kernels, like))
-                i -= 3
-                continue
-            program.append(_Unpool(shapes[i - 1] if relu_before else in_shape, out_shape, step, forward.saved[i],
-                                   relu_before, kernels))
-            i -= 2 if relu_before else 1
+def _program(graph: Graph, shapes: Dict[Node, Tuple[int, ...]], saved: Dict[Node, object], kernels: _Kernels,
+             rule: str) -> List[_Unit]:
+    """The reverse units from the target down to the input, in reverse topological order."""
+    program: List[_Unit] = []
+    absorbed = set()
+    for node in reversed(graph.nodes[1:]):
+        if node in absorbed:
             continue
-        if isinstance(step, plans.Conv):
-            program.append(_Deconv(in_shape, out_shape, step, kernels, like))
-        elif isinstance(step, plans.ReLU):
-            program.append(_ReLU(in_shape, out_shape))
-        elif isinstance(step, plans.LocalResponseNorm):
-            if lrn == "gradient":
-                program.append(_LocalResponseNorm(in_shape, out_shape, step, forward.saved[i]))
-        elif isinstance(step, plans.BatchNorm):
-            program.append(_BatchNorm(in_shape, out_shape, step, like))
-        elif isinstance(step, plans.AvgPool):
-            program.append(_AvgPool(in_shape, out_shape, step, like))
-        elif isinstance(step, plans.AdaptiveAvgPool):
-            program.append(_AdaptiveAvgPool(in_shape, out_shape, step))
-        elif isinstance(step, plans.Flatten):
-            program.append(_Flatten(in_shape, out_shape))
-        elif isinstance(step, plans.Linear):
-            program.append(_Linear(in_shape, out_shape, step, like))
+        chain = _fusable_chain(node, graph, kernels, rule)
+        absorbed.update(chain)
+        pool = node.kind
+        if len(chain) == 2:
+            relu, conv = chain
+            conv_input = conv.inputs[0]
+            run = (lambda g, at, pool=pool, conv=conv.kind, c_in=shapes[conv_input], mid=shapes[relu]:
+                   pool.reverse_with_relu_conv(g, at, conv, c_in, mid))
+            grow = (lambda w, pool=pool, conv=conv.kind: conv.grow(pool.grow(w)))
+            program.append(_Unit(node, [conv_input], [shapes[conv_input]], shapes[node], saved.get(node), run, grow,
+                                 True, [shapes[relu][0]]))
+        elif len(chain) == 1:
+            relu_input = chain[0].inputs[0]
+            program.append(_Unit(node, [relu_input], [shapes[relu_input]], shapes[node], saved.get(node),
+                                 pool.reverse_with_relu, pool.grow, True, []))
         else:
-            raise TypeError(f"project: no reverse for step {step!r}")
-        i -= 1
+            program.append(_Unit(node, list(node.inputs), [shapes[i] for i in node.inputs], shapes[node],
+                                 saved.get(node), node.kind.reverse, node.kind.grow, node.kind.windowed, []))
     return program
 
 
-def _schedule(program: List[_Reverse], crop: bool) -> Tuple[List[bool], int]:
-    """Which steps run on windows (point seeds start as 1x1 windows; once a step needs full maps or
-    its input window would cover at least the whole map, the rest runs on full maps), and the
-    elements per projection of the largest map touched, for chunking."""
-    windowed, peak = [], 1
-    height = width = 1
-    on_windows = True
-    for op in program:
-        if on_windows and crop and op.windowed:
-            grown = op.grow(_Windows(torch.zeros(0), torch.zeros(0), height, width))
-            on_windows = grown.height * grown.width < _numel(op.in_shape[1:])
-        else:
-            on_windows = False
-        windowed.append(on_windows)
-        if on_windows:
-            peak = max(peak, op.peak_elements(height, width))
-            height, width = grown.height, grown.width
-        else:
-            peak = max(peak, op.peak_elements())
-    return windowed, peak
+def _schedule(program: List[_Unit], crop: bool) -> Tuple[List[bool], int]:
+    """Which units run on windows, and the elements per projection of the largest map touched, for
+    chunking. A dry run with one point seed at (0, 0): window sizes depend on the geometry only.
+    A unit runs on windows while its input windows stay smaller than its input maps."""
+    windows: Dict[Node, Optional[Windows]] = {}
+    if program:
+        zero = torch.zeros(1, dtype=torch.long)
+        windows[program[0].node] = Windows(zero, zero, 1, 1) if crop else None
+    on_windows, peak = [], 1
+    for unit in program:
+        current = windows.pop(unit.node, None)
+        grown = unit.grow(current) if current is not None and unit.windowed else None
+        use = grown is not None and not any(grown.covers(s[1:]) for s in unit.in_shapes if len(s) == 3)
+        on_windows.append(use)
+        peak = max(peak, unit.peak_elements(current if use else None))
+        for node in unit.inputs:
+            if node in windows and (windows[node] is None or not use):
+                windows[node] = None
+            elif node in windows:
+                windows[node] = windows[node].union(grown)
+            else:
+                windows[node] = grown if use else None
+    return on_windows, peak
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -573,8 +191,9 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _check_options(seed, lrn, backend, caller: str) -> None:
-    for name, value, allowed in (("seed", seed, SEEDS), ("lrn", lrn, LRN_MODES), ("backend", backend, BACKENDS)):
+def _check_options(rule, seed, lrn, backend, caller: str) -> None:
+    for name, value, allowed in (("rule", rule, RULES), ("seed", seed, SEEDS), ("lrn", lrn, LRN_MODES),
+                                 ("backend", backend, BACKENDS)):
         if not isinstance(value, str) or value not in allowed:
             raise ValueError(f"{caller}: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
@@ -663,7 +282,8 @@ def _check_channel_position(channel, position, target_shape, caller: str) -> Tup
 # --------------------------------------------------------------------------------------------- #
 
 def project(model: nn.Module, images: torch.Tensor, layer, channel=None, position=None, neurons=None, *,
-            seed: str = "value", lrn: str = "gradient", backend: str = "auto") -> torch.Tensor:
+            rule: str = "deconvnet", seed: str = "value", lrn: str = "gradient",
+            backend: str = "auto") -> torch.Tensor:
     """Project activations of ``layer`` back to pixel space (Zeiler & Fergus's DeconvNet).
 
     Selection (one of):
@@ -676,17 +296,21 @@ def project(model: nn.Module, images: torch.Tensor, layer, channel=None, positio
     For a layer with a flat output ``[N, F]``, ``channel`` names the unit, ``position`` is an error
     and ``neurons`` rows are (image, unit, 0, 0).
 
+    ``rule``: how every ReLU (and ReLU6) is reversed: ``"deconvnet"`` (the paper's: max(g, 0), the
+    forward ignored), ``"guided"`` (guided backpropagation: max(g, 0) where the forward passed) or
+    ``"gradient"`` (the plain gradient). Every other layer is reversed by its gradient.
     ``seed="value"`` keeps each selected activation's value (the paper's), ``"one"`` puts 1 there.
     ``lrn="gradient"`` reverses LocalResponseNorm by its true gradient, ``"identity"`` passes through.
     ``backend="auto"`` runs the native kernels on the images' device; ``"reference"`` pure PyTorch.
     The result has the dtype and device of ``images``. The model is never changed or run.
     """
     caller = "project"
-    _check_options(seed, lrn, backend, caller)
+    _check_options(rule, seed, lrn, backend, caller)
     _check_images(images, caller)
-    plan = plans.build_plan(model, layer, caller=caller)
-    shapes = plan.shapes(tuple(images.shape[1:]), caller=caller)
-    target_shape = shapes[-1]
+    graph = trace(model, layer, caller=caller)
+    shapes = graph.node_shapes(tuple(images.shape[1:]), caller=caller)
+    target = graph.targets[graph.layers[0]]
+    target_shape = shapes[target]
     flat = len(target_shape) == 1
     _check_selection(channel, position, neurons, flat, caller)
     if channel is not None:
@@ -702,8 +326,9 @@ def project(model: nn.Module, images: torch.Tensor, layer, channel=None, positio
             batch = images.index_select(0, wanted)
         else:
             rows, batch = None, images
-        forward = run_forward(plan, batch, kernels, keep_lrn_inputs=lrn == "gradient")
-        output = forward.output
+        keeper = Keeper(kernels, rule, lrn)
+        keeper.saved = {}
+        output = graph.forward(batch, keeper)[target]
         if neurons is not None:
             selection = _Selection(rows, neurons[:, 1], neurons[:, 2], neurons[:, 3], True)
         elif channel is not None:
@@ -720,12 +345,21 @@ def project(model: nn.Module, images: torch.Tensor, layer, channel=None, positio
         else:
             selection = _Selection(torch.arange(images.shape[0], device=images.device), None, None, None, False)
 
-        program = _reverse_program(plan, shapes, forward, kernels, lrn, like=images)
-        return _reverse(program, output, selection, seed, shapes[0], crop=kernels.crop and not flat)
+        program = _program(graph, shapes, keeper.saved, kernels, rule)
+        return _reverse(program, graph, output, selection, seed, shapes[graph.input],
+                        _Options(rule, lrn, kernels, crop=kernels.crop and not flat))
 
 
-def _reverse(program: List[_Reverse], output: torch.Tensor, selection: _Selection, seed: str, input_shape,
-             crop: bool) -> torch.Tensor:
+@dataclass
+class _Options:
+    rule: str
+    lrn: str
+    kernels: _Kernels
+    crop: bool
+
+
+def _reverse(program: List[_Unit], graph: Graph, output: torch.Tensor, selection: _Selection, seed: str,
+             input_shape, options: _Options) -> torch.Tensor:
     """Seeds -> pixels, chunk by chunk of projections."""
     target_shape = tuple(output.shape[1:])
     flat = len(target_shape) == 1
@@ -734,30 +368,51 @@ def _reverse(program: List[_Reverse], output: torch.Tensor, selection: _Selectio
     if count == 0:
         return result
     point_windows = selection.points and not flat
-    windowed, peak = _schedule(program, crop) if point_windows else ([False] * len(program), 1)
-    if not point_windows:
-        peak = max([_numel(target_shape)] + [op.peak_elements() for op in program])
-    chunk = max(1, min(count, CHUNK_ELEMENTS // max(peak, 1)))
+    windowed, peak = _schedule(program, options.crop and point_windows)
+    chunk = max(1, min(count, CHUNK_ELEMENTS // max(peak, numel(target_shape), 1)))
 
     for start in range(0, count, chunk):
         stop = min(start + chunk, count)
         images = selection.images[start:stop]
-        g, windows = _seeds(output, selection, start, stop, seed, point_windows)
-        for op, on_windows in zip(program, windowed):
+        grads: Dict[Node, Tuple[torch.Tensor, Optional[Windows]]] = {
+            program[0].node if program else graph.input: _seeds(output, selection, start, stop, seed, point_windows)}
+        for unit, on_windows in zip(program, windowed):
+            if unit.node not in grads:
+                continue
+            g, windows = grads.pop(unit.node)
             if windows is not None and not on_windows:
-                g, windows = windows.paste(g, op.out_shape[1:]), None
-            if windows is None:
-                g = op.full(g, images)
-            else:
-                g, windows = op.window(g, images, windows), op.grow(windows)
-        if windows is not None:
-            g = windows.paste(g, input_shape[1:])
-        result[start:stop] = g
+                g, windows = windows.paste(g, unit.out_shape[1:]), None
+            at = At(unit.in_shapes, unit.out_shape, unit.saved, images, windows, options.rule, options.lrn,
+                    options.kernels)
+            in_windows = unit.grow(windows) if windows is not None else None
+            for node, shape, gi in zip(unit.inputs, unit.in_shapes, unit.run(g, at)):
+                _accumulate(grads, node, gi, in_windows, shape)
+        g, windows = grads.pop(graph.input)
+        result[start:stop] = g if windows is None else windows.paste(g, input_shape[1:])
     return result
 
 
+def _accumulate(grads, node: Node, g: torch.Tensor, windows: Optional[Windows], shape) -> None:
+    """Add a consumer's gradient to ``node``'s: windows are united (or pasted into full maps once the
+    union would cover the map, or where the other is a full map)."""
+    if node not in grads:
+        grads[node] = (g, windows)
+        return
+    other, other_windows = grads[node]
+    if windows is None and other_windows is None:
+        grads[node] = (other + g, None)
+        return
+    if windows is not None and other_windows is not None:
+        union = windows.union(other_windows)
+        if not union.covers(shape[1:]):
+            grads[node] = (other_windows.embed(other, union) + windows.embed(g, union), union)
+            return
+    full = [t if w is None else w.paste(t, shape[1:]) for t, w in ((other, other_windows), (g, windows))]
+    grads[node] = (full[0] + full[1], None)
+
+
 def _seeds(output: torch.Tensor, selection: _Selection, start: int, stop: int, seed: str,
-           point_windows: bool) -> Tuple[torch.Tensor, Optional[_Windows]]:
+           point_windows: bool) -> Tuple[torch.Tensor, Optional[Windows]]:
     """The seed maps of projections [start, stop): 1x1 windows at the selected positions (spatial
     point seeds), one-hot rows (flat layers), or the whole activation maps."""
     images = selection.images[start:stop]
@@ -776,4 +431,4 @@ def _seeds(output: torch.Tensor, selection: _Selection, start: int, stop: int, s
         values = torch.ones_like(values)
     g = output.new_zeros(count, output.shape[1])
     g.scatter_(1, channels[:, None], values[:, None])
-    return g.view(count, output.shape[1], 1, 1), _Windows(y.clone(), x.clone(), 1, 1)
+    return g.view(count, output.shape[1], 1, 1), Windows.points(y, x)

@@ -177,6 +177,8 @@ def _trace(model: nn.Module, caller: str) -> Tuple[fx.Graph, _RecordingTracer]:
 def trace(model: nn.Module, layers: Union[str, nn.Module, Sequence], caller: str = "trace") -> Graph:
     """The graph from ``model``'s input to the output of each of ``layers`` (a name or a list of names
     from ``model.named_modules()``; ``""`` is the model's output)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(layers, (str, nn.Module)):
         layers = [layers]
     elif not isinstance(layers, (list, tuple)):

@@ -795,10 +795,12 @@ class Block(nn.Module):
         y = self.conv(x)
         if self.op == "torch.tanh":
             return torch.tanh(y)
-        if self.op == "residual":
-            return x + y
-        if self.op == "torch.cat":
-            return torch.cat([x, y], dim=1)
+        if self.op == "F.silu":
+            return F.silu(y)
+        if self.op == "scaled residual":
+            return x + 0.5 * y
+        if self.op == "spatial cat":
+            return torch.cat([x, y], dim=2)
         raise AssertionError(self.op)
 
 
@@ -918,10 +920,11 @@ UNSUPPORTED = [
                                           r"layer 'head'", r"supported: .*ReLU"]),
     ("nn.Tanh", lambda: nn.Tanh(), [r"Tanh module 'stem\.1'", r"layer 'head'"]),
     ("torch.tanh", lambda: Block("torch.tanh"), [r"torch\.tanh", r"in module 'stem\.1' \(Block\)", r"layer 'head'"]),
-    ("residual add", lambda: Block("residual"), [r"add", r"in module 'stem\.1' \(Block\)", r"residual",
-                                                 r"layer 'head'"]),
-    ("torch.cat", lambda: Block("torch.cat"), [r"torch\.cat", r"in module 'stem\.1' \(Block\)",
-                                               r"concatenation", r"layer 'head'"]),
+    ("F.silu", lambda: Block("F.silu"), [r"F\.silu", r"in module 'stem\.1' \(Block\)", r"layer 'head'"]),
+    ("scaled residual", lambda: Block("scaled residual"), [r"operator\.mul", r"in module 'stem\.1' \(Block\)",
+                                                           r"layer 'head'", r"supported: .*add"]),
+    ("spatial cat", lambda: Block("spatial cat"), [r"cat", r"in module 'stem\.1' \(Block\)", r"dim 2",
+                                                   r"channel dim", r"layer 'head'"]),
 ]
 
 
@@ -930,7 +933,7 @@ UNSUPPORTED = [
 @pytest.mark.parametrize("name, middle, patterns", UNSUPPORTED, ids=[u[0] for u in UNSUPPORTED])
 def test_unsupported_layer_before_the_target_is_named(device, backend, name, middle, patterns):
     torch.manual_seed(5)
-    model = UnsupportedNet(middle(), nn.Identity(), head_in=12 if name == "torch.cat" else 6).eval().to(device)
+    model = UnsupportedNet(middle(), nn.Identity(), head_in=6).eval().to(device)
     images = random_tensor((2, 3, 9, 9), device=device)
     with pytest.raises(ValueError) as raised:
         deconvcuda.project(model, images, "head", channel=0, backend=backend)
