@@ -1,6 +1,6 @@
 """deconvcuda.top_activations (streaming top-k) against a brute-force top-k computed independently.
 
-The oracle (``brute_force_top``) runs the model itself up to the layer (a forward hook on the
+The oracle (``brute_force_top``, in conftest) runs the model itself up to the layer (a forward hook on the
 layer's module, which stops the forward there), then per image and channel takes the spatial
 maximum (NaN ignored) and its first position in row-major order, and ranks the images of every
 channel with Python's stable sort, so ties keep the earlier image. It shares no code with the
@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import deconvcuda
-from conftest import DEVICES, forward_to_layer
+from conftest import DEVICES, assert_top_equals, brute_force_top, forward_to_layer, small_cnn
 from deconvcuda import batches
 
 pytestmark = pytest.mark.parametrize("device", DEVICES)
@@ -34,18 +34,6 @@ INF = float("inf")
 # --------------------------------------------------------------------------------------------- #
 # Models (built once per module: the torchvision ones take seconds to initialise)
 # --------------------------------------------------------------------------------------------- #
-
-def small_cnn() -> nn.Module:
-    """12x12 -> conv 12x12 -> pool 6x6 -> stride-2 conv 3x3 -> 5 logits. Names: features.0 (conv,
-    negative values too), .1 (ReLU: many exact zeros), .2 (max pool), .3 (strided conv), .4 (ReLU),
-    fc (a flat Linear layer)."""
-    model = nn.Sequential()
-    model.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                   nn.Conv2d(8, 6, 3, stride=2, padding=1), nn.ReLU())
-    model.flatten = nn.Flatten()
-    model.fc = nn.Linear(6 * 3 * 3, 5)
-    return model.eval()
-
 
 def he_initialised(model: nn.Module, generator: torch.Generator) -> nn.Module:
     """Normal He weights and small biases for every conv and linear layer, so that activations
@@ -126,67 +114,6 @@ def layer_output(model: nn.Module, images: torch.Tensor, layer: str) -> torch.Te
     model is in), without autograd."""
     with torch.no_grad():
         return forward_to_layer(model, images, layer).detach()
-
-
-def brute_force_top(activations: torch.Tensor, k: int) -> Dict[str, torch.Tensor]:
-    """The top-k of ``activations`` ([N, C, H, W], or [N, F] for a flat layer, where y = x = 0)
-    as the contract defines it, on the CPU: per image and channel the spatial maximum, NaN
-    ignored, at its first position in row-major order; per channel the images ranked by that
-    maximum, strongest first, ties keeping the earlier image, images whose map is NaN everywhere
-    left out; missing entries are index -1, y = x = -1, value -inf."""
-    acts = activations.detach().cpu().to(torch.float64)
-    if acts.dim() == 2:
-        acts = acts[:, :, None, None]
-    count, channels, height, width = acts.shape
-    maps = acts.flatten(2)  # [N, C, H*W]
-    nan = torch.isnan(maps)
-    ranked = (~nan.all(dim=2)).tolist()  # [N][C]: does the map hold anything to rank?
-    maps = maps.masked_fill(nan, -INF)
-    best = maps.max(dim=2).values  # [N, C]
-    positions = torch.arange(height * width).expand_as(maps)
-    # the smallest flat position holding the maximum: the first in row-major order
-    first = torch.where(maps == best[..., None], positions, height * width).min(dim=2).values
-    best, first = best.tolist(), first.tolist()
-
-    values = torch.full((channels, k), -INF, dtype=torch.float64)
-    image_index, ys, xs = (torch.full((channels, k), -1, dtype=torch.long) for _ in range(3))
-    for c in range(channels):
-        candidates = [i for i in range(count) if ranked[i][c]]
-        # Python's sort is stable, also with reverse=True: equal maxima keep the earlier image first
-        candidates.sort(key=lambda i: best[i][c], reverse=True)
-        for rank, i in enumerate(candidates[:k]):
-            values[c, rank] = best[i][c]
-            image_index[c, rank] = i
-            ys[c, rank], xs[c, rank] = divmod(first[i][c], width)
-    return {"values": values, "image_index": image_index, "y": ys, "x": xs}
-
-
-def assert_top_equals(top, expected: Dict[str, torch.Tensor], *, device, dtype=torch.float64, rtol=1e-10,
-                      atol=1e-12, msg: str = "") -> None:
-    """Indices and positions exactly; values to a float tolerance (the package's functional forward
-    and the model's modules may sum in another order), -inf exactly where entries are missing.
-    Exact indices need data without near-ties, hence float64 (or exactly representable) data: in
-    float32, and with TF32 on a GPU, two images' maxima that differ by a rounding may swap places."""
-    channels, k = expected["values"].shape
-    for field in ("values", "image_index", "y", "x"):
-        tensor = getattr(top, field)
-        assert tensor.shape == (channels, k), f"{msg}: {field} has shape {tuple(tensor.shape)}, not {(channels, k)}"
-        assert tensor.device.type == torch.device(device).type, f"{msg}: {field} is on {tensor.device}, not {device}"
-    assert top.values.dtype == dtype, f"{msg}: values are {top.values.dtype}, not the data's {dtype}"
-    assert top.k == k, f"{msg}: top.k = {top.k}"
-    for field in ("image_index", "y", "x"):
-        actual = getattr(top, field).cpu()
-        assert actual.dtype == torch.long, f"{msg}: {field} is {actual.dtype}"
-        wrong = (actual != expected[field]).nonzero()
-        assert wrong.numel() == 0, (
-            f"{msg}: {field} differs from the brute force at (channel, rank) {wrong[:5].tolist()}: "
-            f"{actual[tuple(wrong[0])].item()} != {expected[field][tuple(wrong[0])].item()}")
-    values = top.values.detach().cpu().to(torch.float64)
-    assert not torch.isnan(values).any(), f"{msg}: a NaN was ranked"
-    missing = expected["image_index"] < 0
-    assert torch.equal(values[missing], expected["values"][missing]), f"{msg}: missing entries must be -inf"
-    torch.testing.assert_close(values[~missing], expected["values"][~missing], rtol=rtol, atol=atol,
-                               msg=lambda detail: f"{msg}: {detail}")
 
 
 # --------------------------------------------------------------------------------------------- #
