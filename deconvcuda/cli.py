@@ -142,11 +142,11 @@ def _device(name: Optional[str]) -> torch.device:
 
 
 def _layer_channels(model: torch.nn.Module, image_shape: Sequence[int], layers: Sequence[str]) -> dict:
-    """Each layer's channel count (units for a flat layer), from the plan's shapes: nothing is run."""
-    from .plan import build_plan
+    """Each layer's channel count (units for a flat layer), from the graph's shapes: nothing is run."""
+    from .graph import trace
 
-    return {layer: build_plan(model, layer, caller=f"{PROG} visualize").shapes(image_shape)[-1][0]
-            for layer in layers}
+    shapes = trace(model, list(layers), caller=f"{PROG} visualize").shapes(image_shape, caller=f"{PROG} visualize")
+    return {layer: shapes[layer][0] for layer in layers}
 
 
 def _check_layers(model: torch.nn.Module, layers: Sequence[str]) -> None:

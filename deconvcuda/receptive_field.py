@@ -5,22 +5,26 @@
     top, left, bottom, right = field.box(3, 5)   # the field of activation (y=3, x=5): half-open, unclipped
     patches = crop_patches(images, [field.box(3, 5), field.box(0, 0)])   # [2, C, h, w], zero outside
 
-The geometry is exact per axis through every layer of the plan: a conv or pool with kernel k,
-stride s, padding p and dilation d widens the field by d * (k - 1) input steps of the current
-stride, moves its start by -p steps, and multiplies the stride by s (ceil_mode only adds windows
-at the end, so it changes nothing here). A projection of an activation is non-zero only inside
-its box. A flat layer (after Flatten or Linear), or an adaptive pool whose windows are not all the
-same, sees the whole image: then the field is the image, and ``input_size`` must be given.
+The geometry is the engine's (deconvcuda.windows): the windows of two activations, (0, 0) and (1, 1),
+are grown from the layer down to the input through every node of the graph; where branches meet
+(a residual addition, a concatenation) the windows of every path are united. A conv or pool with
+kernel k, stride s, padding p and dilation d widens a window by d * (k - 1) input positions and moves
+its start by -p; ceil_mode only adds windows at the end, so it changes nothing here. A projection of
+an activation is non-zero only inside its box. A flat layer (after Flatten, Linear or a spatial
+mean), or an adaptive pool whose windows are not all the same, sees the whole image: then the field
+is the image, and ``input_size`` must be given.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from . import plan as plans
+from . import kinds
+from .graph import Graph, Node, trace
+from .windows import Windows
 
 __all__ = ["ReceptiveField", "receptive_field", "crop_patches"]
 
@@ -61,61 +65,51 @@ def _whole_image(reason: str, input_size, layer: str) -> ReceptiveField:
     return ReceptiveField(size=input_size, stride=(0, 0), offset=(0, 0))
 
 
+def _input_channels(graph: Graph) -> int:
+    """A channel count the graph's first layers accept, for computing spatial sizes only."""
+    for node in graph.input.consumers:
+        if isinstance(node.kind, kinds.Conv):
+            return node.kind.in_channels
+        if isinstance(node.kind, kinds.BatchNorm):
+            return node.kind.running_mean.numel()
+    return 3
+
+
 def receptive_field(model: nn.Module, layer, input_size: Optional[Sequence[int]] = None) -> ReceptiveField:
-    """The receptive field of ``layer``'s activations (``layer``: a name from ``model.named_modules()``).
-    ``input_size=(H, W)`` is needed where the field is the whole image (flat layers, uneven
-    adaptive pools) and lets an adaptive pool with even windows count as a plain one."""
+    """The receptive field of ``layer``'s activations (``layer``: a name from ``model.named_modules()``),
+    the union of every path's field on graph models. ``input_size=(H, W)`` is needed where the field
+    is the whole image (flat layers, uneven adaptive pools) and lets an adaptive pool with even
+    windows count as a plain one."""
+    caller = "receptive_field"
     if input_size is not None:
         input_size = tuple(int(v) for v in input_size)
         if len(input_size) != 2 or min(input_size) < 1:
-            raise ValueError(f"receptive_field: input_size must be a pair of positive ints (H, W), got {input_size!r}")
-    plan = plans.build_plan(model, layer, caller="receptive_field")
-    size, stride, start = [1, 1], [1, 1], [0, 0]
-    spatial = list(input_size) if input_size is not None else None  # the current map's (H, W), where known
-    for step in plan.steps:
-        if isinstance(step, (plans.Flatten, plans.Linear)):
-            return _whole_image(f"after {step.describe()}", input_size, plan.layer)
-        if isinstance(step, plans.AdaptiveAvgPool):
-            window = _even_adaptive_window(step, spatial)
-            if window is None:
-                return _whole_image(f"after {step.describe()}, whose windows differ in size", input_size, plan.layer)
-            kernel, strides, padding, dilation = window, window, (0, 0), (1, 1)
-        elif isinstance(step, (plans.Conv, plans.MaxPool)):
-            kernel, strides, padding, dilation = step.kernel_size, step.stride, step.padding, step.dilation
-        elif isinstance(step, plans.AvgPool):
-            kernel, strides, padding, dilation = step.kernel_size, step.stride, step.padding, (1, 1)
-        else:  # ReLU, LocalResponseNorm, BatchNorm: one position in, one out
+            raise ValueError(f"{caller}: input_size must be a pair of positive ints (H, W), got {input_size!r}")
+    graph = trace(model, layer, caller=caller)
+    name = graph.layers[0]
+    shapes: Optional[Dict[Node, tuple]] = None
+    if input_size is not None:
+        try:
+            shapes = graph.node_shapes((_input_channels(graph),) + input_size, caller)
+        except ValueError as error:
+            raise ValueError(f"{caller}: input_size {list(input_size)} does not fit the model: {error}") from None
+    # two activations' windows: (0, 0) gives the offset and the size, (1, 1) the stride
+    seed = torch.tensor([0, 1])
+    windows: Dict[Node, Windows] = {graph.targets[name]: Windows(seed, seed.clone(), 1, 1)}
+    for node in reversed(graph.nodes[1:]):
+        if node not in windows:
             continue
-        if spatial is not None:
-            try:
-                spatial = list(step.output_shape((_channels_for(step),) + tuple(spatial))[1:])
-            except ValueError as error:
-                raise ValueError(f"receptive_field: input_size {list(input_size)} does not fit the model: {error}") \
-                    from None
-        for axis in range(2):
-            start[axis] -= padding[axis] * stride[axis]
-            size[axis] += dilation[axis] * (kernel[axis] - 1) * stride[axis]
-            stride[axis] *= strides[axis]
-    return ReceptiveField(size=tuple(size), stride=tuple(stride), offset=tuple(start))
-
-
-def _channels_for(step: plans.Step) -> int:
-    """A channel count the step accepts, for computing spatial sizes only."""
-    return step.in_channels if isinstance(step, plans.Conv) else 1
-
-
-def _even_adaptive_window(step: plans.AdaptiveAvgPool, spatial) -> Optional[Pair]:
-    """An adaptive pool whose input size is a multiple of its output size is a plain pool with
-    kernel = stride = input // output. None where that is not so or the size is unknown."""
-    if spatial is None:
-        return None
-    window = []
-    for axis in range(2):
-        out = spatial[axis] if step.output_size[axis] is None else step.output_size[axis]
-        if spatial[axis] % out != 0:
-            return None
-        window.append(spatial[axis] // out)
-    return tuple(window)
+        current = windows.pop(node)
+        for source in node.inputs:
+            grown = node.kind.field(current, None if shapes is None else shapes[source])
+            if grown is None:
+                return _whole_image(f"after {node.describe()}", input_size, name)
+            windows[source] = windows[source].union(grown) if source in windows else grown
+    field = windows[graph.input]
+    top, left = (int(v) for v in field.top), (int(v) for v in field.left)
+    (top0, top1), (left0, left1) = top, left
+    return ReceptiveField(size=(field.height, field.width), stride=(top1 - top0, left1 - left0),
+                          offset=(top0, left0))
 
 
 def _as_boxes(boxes) -> torch.Tensor:

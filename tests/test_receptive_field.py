@@ -26,7 +26,7 @@ from torch import nn
 import deconvcuda
 from conftest import DEVICES
 from deconvcuda import crop_patches, receptive_field
-from deconvcuda import plan as plans
+from deconvcuda.graph import trace
 
 
 def pair(value) -> Tuple[int, int]:
@@ -343,8 +343,7 @@ def every_position(model, images, layer, channel, borders_only=False):
     """neurons rows naming ``channel`` at every position of ``layer`` in every image, so corners
     and edges (where the box reaches past the image) are all there; ``borders_only``: the first
     two, the middle and the last two rows and columns, to keep big maps quick."""
-    plan_shapes = plans.build_plan(model, layer).shapes(tuple(images.shape[1:]))
-    _, height, width = plan_shapes[-1]
+    _, height, width = trace(model, layer).shapes(tuple(images.shape[1:]))[layer]
 
     def positions(size):
         if not borders_only:

@@ -178,6 +178,11 @@ class Kind:
         """The input windows that the output ``windows`` read (pointwise kinds: the same)."""
         return windows
 
+    def field(self, windows: Windows, in_shape: Optional[Shape]) -> Optional[Windows]:
+        """The input windows for receptive fields (``in_shape``: the input's per-image shape, where
+        known); None where every output position sees the whole input."""
+        return self.grow(windows) if self.windowed else None
+
     # -- helpers ---------------------------------------------------------------------------------- #
 
     def cast(self, tensor: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:

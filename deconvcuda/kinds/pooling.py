@@ -246,9 +246,13 @@ class AdaptiveAvgPool(Kind):
     def forward(self, x):
         return F.adaptive_avg_pool2d(x, self.output_size)
 
+    def field(self, windows, in_shape):
+        """Where the input size is a multiple of the output size, this is a plain pool with kernel =
+        stride = input // output; otherwise its windows differ in size and each output sees all."""
+        window = None if in_shape is None or len(in_shape) != 3 else self.even_window(in_shape[1:])
+        return None if window is None else windows.grow(window, window, (0, 0))
+
     def even_window(self, spatial) -> Optional[Tuple[int, int]]:
-        """Kernel = stride of the plain pool this one is, where the input size is a multiple of the
-        output size; None where it is not."""
         window = []
         for axis in range(2):
             out = spatial[axis] if self.output_size[axis] is None else self.output_size[axis]
