@@ -1,0 +1,179 @@
+"""The figures of the analyses, drawn with matplotlib (its object API: no pyplot, no global state).
+
+    occlusion_figure(path, image, values, window=16, stride=8, projection=..., probabilities=..., classes=...)
+    invariance_figure(path, transform, amounts, {layer: distances}, probabilities=...)
+    evolution_figure(path, cells, checkpoint_labels, channel_labels)
+
+Images come in as ``[3, H, W]`` RGB floats in [0, 1] (``Preprocessing.to_display``,
+``figures.projections_to_rgb``); every function writes one PNG and returns its path.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+__all__ = ["occlusion_figure", "invariance_figure", "evolution_figure"]
+
+PathLike = Union[str, os.PathLike]
+DPI = 100
+
+
+def _figure(width: float, height: float):
+    try:
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("deconvcuda.analyses: the figures are drawn with matplotlib; install it with "
+                                  "`pip install matplotlib`") from None
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def _save(figure, path: PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=DPI)
+    return path
+
+
+def _hwc(image: torch.Tensor) -> np.ndarray:
+    """[3, H, W] (or [1, H, W]) floats in [0, 1] -> [H, W, 3] numpy."""
+    image = image.detach().to("cpu", torch.float32).clamp(0.0, 1.0)
+    if image.dim() != 3:
+        raise ValueError(f"deconvcuda.analyses: expected an image [3, H, W], got {list(image.shape)}")
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    return image.permute(1, 2, 0).numpy()
+
+
+def _pair(value) -> Tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _heat_map(axes, figure, values: np.ndarray, image_size, window, stride, title: str, colour_map: str,
+              label: str, limits=None):
+    """Values over occluder positions, each drawn at its square's centre in image coordinates."""
+    window, stride = _pair(window), _pair(stride)
+    rows, cols = values.shape
+    # the centres span [window/2, (rows-1)*stride + window/2]; each cell is one stride wide
+    extent = (window[1] / 2 - stride[1] / 2, window[1] / 2 + (cols - 0.5) * stride[1],
+              window[0] / 2 + (rows - 0.5) * stride[0], window[0] / 2 - stride[0] / 2)
+    shown = axes.imshow(values, cmap=colour_map, extent=extent, interpolation="nearest",
+                        vmin=None if limits is None else limits[0], vmax=None if limits is None else limits[1])
+    axes.set_xlim(0, image_size[1])
+    axes.set_ylim(image_size[0], 0)
+    axes.set_title(title, fontsize=9)
+    axes.tick_params(labelsize=7)
+    bar = figure.colorbar(shown, ax=axes, shrink=0.8)
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+
+
+def occlusion_figure(path: PathLike, image: torch.Tensor, values: torch.Tensor, *, window=16, stride=8,
+                     layer: str = "", channel: Optional[int] = None, projection: Optional[torch.Tensor] = None,
+                     probabilities: Optional[torch.Tensor] = None, classes: Optional[torch.Tensor] = None,
+                     true_class: Optional[int] = None, class_names: Optional[Sequence[str]] = None,
+                     title: str = "") -> Path:
+    """Fig. 7 for one image: (a) the image with the occluder's grid and one square, (b) the feature
+    map's total activation as a heat map over square positions, (c) the projection of the feature
+    map's strongest activation, and for a classifier (d) the true class's probability and (e) the most
+    probable class per position. values, probabilities, classes: ``[R, C]`` over positions."""
+    from matplotlib.patches import Rectangle
+
+    window, stride = _pair(window), _pair(stride)
+    picture = _hwc(image)
+    height, width = picture.shape[:2]
+    panels = 2 + (projection is not None) + (probabilities is not None) + (classes is not None)
+    figure = _figure(3.2 * panels, 3.4)
+    axes = figure.subplots(1, panels, squeeze=False)[0]
+    if title:
+        figure.suptitle(title, fontsize=10)
+    rows, cols = values.shape
+
+    axes[0].imshow(picture, interpolation="nearest")
+    for i in range(rows):  # the centres of every square position
+        axes[0].plot([window[1] / 2 + j * stride[1] for j in range(cols)], [window[0] / 2 + i * stride[0]] * cols,
+                     ".", color="white", markersize=1.5, alpha=0.8)
+    axes[0].add_patch(Rectangle((-0.5, -0.5), window[1], window[0], facecolor=(0.5, 0.5, 0.5, 0.8),
+                                edgecolor="white", linewidth=0.8))
+    axes[0].set_title(f"(a) image, {window[0]}x{window[1]} square, stride {stride[0]}", fontsize=9)
+    axes[0].set_axis_off()
+
+    what = f"{layer or 'output'}" + (f" map {channel}" if channel is not None else "")
+    _heat_map(axes[1], figure, values.detach().to("cpu", torch.float32).numpy(), (height, width), window, stride,
+              f"(b) {what}: activation", "viridis", "activation with the square there")
+    panel = 2
+    if projection is not None:
+        axes[panel].imshow(_hwc(projection), interpolation="nearest")
+        axes[panel].set_title(f"(c) strongest activation of {what}, projected", fontsize=9)
+        axes[panel].set_axis_off()
+        panel += 1
+    if probabilities is not None:
+        name = (class_names[true_class] if class_names is not None and true_class is not None
+                else f"class {true_class}")
+        _heat_map(axes[panel], figure, probabilities.detach().to("cpu", torch.float32).numpy(), (height, width),
+                  window, stride, f"(d) p({name})", "magma", "probability", limits=(0.0, 1.0))
+        panel += 1
+    if classes is not None:
+        classes = classes.detach().cpu()
+        distinct, codes = torch.unique(classes, return_inverse=True)
+        from matplotlib import colormaps
+
+        colours = colormaps["tab20"].resampled(max(len(distinct), 1))
+        _heat_map(axes[panel], figure, codes.numpy().astype(np.float32), (height, width), window, stride,
+                  "(e) most probable class", colours, "class", limits=(-0.5, len(distinct) - 0.5))
+        bar = axes[panel].images[-1].colorbar
+        bar.set_ticks(range(len(distinct)))
+        bar.set_ticklabels([class_names[int(c)] if class_names is not None else str(int(c)) for c in distinct],
+                           fontsize=6)
+    return _save(figure, path)
+
+
+def invariance_figure(path: PathLike, transform: str, amounts: Sequence[float],
+                      distances: Mapping[str, torch.Tensor], *, probabilities: Optional[torch.Tensor] = None,
+                      image_names: Optional[Sequence[str]] = None, class_name: str = "true class") -> Path:
+    """Fig. 5 for one transform: per layer, each image's distance curve over ``amounts``, and for a
+    classifier each image's true-class probability. distances: ``{layer: [N, len(amounts)]}``."""
+    units = {"translate": "vertical shift (pixels)", "scale": "scale factor", "rotate": "rotation (degrees)"}
+    panels = len(distances) + (probabilities is not None)
+    figure = _figure(3.4 * panels, 3.0)
+    axes = figure.subplots(1, panels, squeeze=False)[0]
+    amounts = [float(a) for a in amounts]
+    curves = list(distances.items()) + ([("", probabilities)] if probabilities is not None else [])
+    for panel, (layer, values) in enumerate(curves):
+        values = values.detach().to("cpu", torch.float64).numpy()
+        for n in range(values.shape[0]):
+            label = image_names[n] if image_names is not None else f"image {n}"
+            axes[panel].plot(amounts, values[n], marker=".", linewidth=1, markersize=3, label=label)
+        is_probability = probabilities is not None and panel == len(curves) - 1
+        axes[panel].set_title(f"p({class_name})" if is_probability else f"{layer or 'output'}: distance", fontsize=9)
+        axes[panel].set_xlabel(units.get(transform, transform), fontsize=8)
+        axes[panel].set_ylabel("probability" if is_probability else "Euclidean distance", fontsize=8)
+        axes[panel].tick_params(labelsize=7)
+        axes[panel].grid(alpha=0.3)
+    if curves and len(curves[0][1]) <= 12:
+        axes[0].legend(fontsize=6)
+    figure.suptitle(f"invariance to {transform}", fontsize=10)
+    return _save(figure, path)
+
+
+def evolution_figure(path: PathLike, cells: torch.Tensor, checkpoint_labels: Sequence[str],
+                     channel_labels: Sequence[str], title: str = "") -> Path:
+    """Fig. 4: rows of feature maps, columns of checkpoints; cells ``[T, K, 3, h, w]`` RGB in [0, 1]."""
+    steps, rows = cells.shape[:2]
+    figure = _figure(1.3 * steps + 1.2, 1.3 * rows + 0.6)
+    axes = figure.subplots(rows, steps, squeeze=False)
+    for row in range(rows):
+        for step in range(steps):
+            axes[row][step].imshow(_hwc(cells[step, row]), interpolation="nearest")
+            axes[row][step].set_xticks([])
+            axes[row][step].set_yticks([])
+            if row == 0:
+                axes[row][step].set_title(checkpoint_labels[step], fontsize=8)
+            if step == 0:
+                axes[row][step].set_ylabel(channel_labels[row], fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    return _save(figure, path)
