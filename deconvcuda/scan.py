@@ -88,7 +88,7 @@ class TopActivations:
 
     def state_dict(self) -> Dict[str, object]:
         """The entries as plain CPU tensors and the layer name (what ``save`` writes)."""
-        state: Dict[str, object] = {"layer": self.layer}
+        state: Dict[str, object] = {"layer": self.layer, "images_per_rank": list(self.images_per_rank)}
         state.update({name: getattr(self, name).detach().cpu() for name in _FIELDS})
         return state
 
@@ -102,7 +102,8 @@ class TopActivations:
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise ValueError(f"{caller}: the tensors of layer {state['layer']!r} must all be [C, k], got shapes "
                              f"{[list(state[name].shape) for name in _FIELDS]}")
-        return cls(state["layer"], *(state[name] for name in _FIELDS))
+        return cls(state["layer"], *(state[name] for name in _FIELDS),
+                   images_per_rank=tuple(int(n) for n in state.get("images_per_rank", ())))
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write these entries to ``path`` (``TopActivations.load`` or ``load_scan`` reads them back)."""
