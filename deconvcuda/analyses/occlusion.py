@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .outputs import layer_list, layer_outputs
+from .outputs import layer_list
 
 __all__ = ["occlusion", "occluder_grid", "occluded_images", "occlusion_by_recompute"]
 
@@ -145,8 +145,9 @@ def _check_arguments(model, images, layer, reduce, softmax, caller):
         raise TypeError(f"{caller}: softmax must be True or False, got {softmax!r}")
 
 
-def _prepare(model, images, layer, channel, window, stride, fill, reduce, softmax, caller):
-    """Checks every argument; returns the grid, the fill, the unoccluded output and the channels."""
+def _prepare(model, images, layer, window, stride, fill, reduce, softmax, caller):
+    """Checks every argument but the channel (that needs the layer's output); returns the occluder's
+    window, stride, grid and the fill [C, 1, 1]."""
     _check_arguments(model, images, layer, reduce, softmax, caller)
     window, stride, grid = occluder_grid(images.shape[-2:], window, stride, caller)
     fill = _check_fill(fill, images, caller)
@@ -189,8 +190,7 @@ def occlusion(model: nn.Module, images: torch.Tensor, layer: str, channel=None, 
     Returns ``[N, R, C_cols]`` in the images' dtype, on their device.
     """
     caller = "occlusion"
-    window, stride, grid, fill = _prepare(model, images, layer, channel, window, stride, fill, reduce, softmax,
-                                          caller)
+    window, stride, grid, fill = _prepare(model, images, layer, window, stride, fill, reduce, softmax, caller)
     _check_batch_size(batch_size, caller)
     from .cone import OcclusionCones
 
@@ -216,11 +216,14 @@ def occlusion_by_recompute(model: nn.Module, images: torch.Tensor, layer: str, c
     from tqdm.auto import tqdm
 
     caller = "occlusion_by_recompute"
-    window, stride, grid, fill = _prepare(model, images, layer, channel, window, stride, fill, reduce, softmax,
-                                          caller)
+    window, stride, grid, fill = _prepare(model, images, layer, window, stride, fill, reduce, softmax, caller)
     _check_batch_size(batch_size, caller)
+    from ..graph import trace
+
+    graph = trace(model, layer, caller=caller)  # once: every batch runs the same graph
+    graph.shapes(tuple(images.shape[1:]), caller=caller)
     with torch.no_grad():
-        output = layer_outputs(model, images, [layer], caller)[layer]
+        output = graph.run(images)[layer]
         channels = _resolve_channel(output, channel, reduce, softmax, caller)
         corners = _corners(grid, stride, images.device)
         n_positions = corners.shape[0]
@@ -231,6 +234,6 @@ def occlusion_by_recompute(model: nn.Module, images: torch.Tensor, layer: str, c
             rows = torch.arange(start, min(start + batch_size, total), device=images.device)
             image_rows = rows // n_positions
             batch = occluded_images(images[image_rows], corners[rows % n_positions], window, fill)
-            output = layer_outputs(model, batch, [layer], caller)[layer]
+            output = graph.run(batch)[layer]
             values.append(_values(output, channels[image_rows], reduce, softmax))
     return torch.cat(values).reshape(images.shape[0], grid[0], grid[1]).to(images.dtype)
