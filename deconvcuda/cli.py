@@ -3,6 +3,7 @@
     deconvcuda visualize                                   # the embedded VGG16 on the bundled photos -> out/
     deconvcuda visualize --model alexnet --weights alexnet.pth --images photos/ --layers features.11
     python -m torch.distributed.run --nproc_per_node=8 -m deconvcuda visualize ...   # 8 processes share the work
+    deconvcuda occlusion / invariance / evolution ...      # the paper's Sec. 4 experiments, into the same gallery
 
 Exit status: 0 on success, 2 for usage errors (a bad option, a missing file or directory, an unknown
 layer or channel, a weights file that does not fit the model), 1 when the work itself fails.
@@ -120,7 +121,9 @@ def _parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParse
     visualize.add_argument("--backend", choices=("auto", "reference"), default="auto",
                            help="native kernels (auto, default) or the pure-PyTorch reference")
     visualize.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser, {"visualize": visualize}
+    from .analyses.commands import add_parsers  # occlusion, invariance, evolution (the paper's Sec. 4)
+
+    return parser, {"visualize": visualize, **add_parsers(commands)}
 
 
 def _device(name: Optional[str]) -> torch.device:
@@ -274,6 +277,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        if args.command != "visualize":
+            from .analyses.commands import run
+
+            return run(args)
         return visualize_command(args)
     except UsageError as error:
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)

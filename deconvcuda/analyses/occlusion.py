@@ -20,7 +20,7 @@ from torch import nn
 
 from .outputs import layer_list
 
-__all__ = ["occlusion", "occluder_grid", "occluded_images", "occlusion_by_recompute"]
+__all__ = ["occlusion", "most_probable_class", "occluder_grid", "occluded_images", "occlusion_by_recompute"]
 
 Pair = Tuple[int, int]
 
@@ -118,7 +118,7 @@ def _values(output: torch.Tensor, channel: torch.Tensor, reduce: str, softmax: b
     return maps.sum(dim=1) if reduce == "sum" else maps.amax(dim=1)
 
 
-def _strongest_channel(output: torch.Tensor, reduce: str) -> torch.Tensor:
+def strongest_channel(output: torch.Tensor, reduce: str) -> torch.Tensor:
     """Per image, the channel (unit) with the largest ``reduce`` of its map (its activation)."""
     if output.dim() == 2:
         return output.argmax(dim=1)
@@ -162,7 +162,7 @@ def _resolve_channel(output: torch.Tensor, channel, reduce: str, softmax: bool, 
         raise ValueError(f"{caller}: the layer's output must be [N, C, h, w] or [N, F], got {list(output.shape)}")
     checked = _check_channel(channel, output.shape[0], output.shape[1], output.dim() == 2, caller)
     if checked is None:
-        return _strongest_channel(output, reduce)
+        return strongest_channel(output, reduce)
     return checked.to(output.device)
 
 
@@ -200,6 +200,26 @@ def occlusion(model: nn.Module, images: torch.Tensor, layer: str, channel=None, 
     values = cones.values(corners, window, fill, channels, lambda out, ch: _values(out, ch, reduce, softmax),
                           batch_size=batch_size, progress=progress)
     return values.reshape(images.shape[0], grid[0], grid[1]).to(images.dtype)
+
+
+def most_probable_class(model: nn.Module, images: torch.Tensor, layer: str = "", *, window=16, stride=8, fill=0.0,
+                        batch_size: int = POSITIONS_PER_BATCH, progress: bool = False) -> torch.Tensor:
+    """Per image and occluder position (as :func:`occlusion` places them), the unit with the largest
+    value in the flat ``layer`` (default the model's output: the most probable class, Fig. 7's last
+    column). Returns a LongTensor ``[N, R, C_cols]``."""
+    caller = "most_probable_class"
+    window, stride, grid, fill = _prepare(model, images, layer, window, stride, fill, "sum", False, caller)
+    _check_batch_size(batch_size, caller)
+    from .cone import OcclusionCones
+
+    cones = OcclusionCones(model, layer, images, caller)
+    if cones.unoccluded_output().dim() != 2:
+        raise ValueError(f"{caller}: layer {layer!r} is not flat ([N, F]) but "
+                         f"{list(cones.unoccluded_output().shape)}; pass a classifier's output")
+    unused = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+    classes = cones.values(_corners(grid, stride, images.device), window, fill, unused,
+                           lambda output, _: output.argmax(dim=1), batch_size=batch_size, progress=progress)
+    return classes.reshape(images.shape[0], grid[0], grid[1])
 
 
 def _check_batch_size(batch_size, caller: str) -> None:
