@@ -260,8 +260,7 @@ class _Reader:
         if node.op == "call_method":
             return f"Tensor.{node.target}"
         if node.op == "call_function":
-            return kinds._function_name(node.target) if node.target in kinds.FUNCTION_KINDS else \
-                _function_name(node.target)
+            return kinds._function_name(node.target)
         return f"{node.op} '{node.target}'"
 
     def where(self, node: fx.Node) -> str:
@@ -435,15 +434,3 @@ def _hashable(value) -> bool:
     except TypeError:
         return False
     return True
-
-
-def _function_name(target) -> str:
-    module = getattr(target, "__module__", None) or ""
-    name = getattr(target, "__name__", repr(target))
-    if module.startswith("torch.nn.functional"):
-        return f"F.{name}"
-    if module in ("torch", "") and hasattr(torch, name) and getattr(torch, name) is target:
-        return f"torch.{name}"
-    if module == "_operator":
-        return f"operator.{name}"
-    return f"{module}.{name}" if module else name

@@ -100,8 +100,8 @@ def unpool_relu_deconv2d(grad: torch.Tensor, switches: torch.Tensor, weight: tor
     return deconv2d(unpooled, weight, conv_stride, conv_padding, conv_dilation, groups, output_size)
 
 
-def project(model, images, layer, channel=None, position=None, neurons=None, *, seed="value", lrn="gradient",
-            backend="reference"):
+def project(model, images, layer, channel=None, position=None, neurons=None, *, rule="deconvnet", seed="value",
+            lrn="gradient", backend="reference"):
     """``deconvcuda.project`` computed with the ops above: full-size maps, layer by layer, torch ops
     only. Same signature; ``backend`` is checked as ``project`` checks it, and the reference ops run
     whatever it says (use ``deconvcuda.project`` for the native kernels)."""
@@ -109,4 +109,5 @@ def project(model, images, layer, channel=None, position=None, neurons=None, *, 
 
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"project: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
-    return _project(model, images, layer, channel, position, neurons, seed=seed, lrn=lrn, backend="reference")
+    return _project(model, images, layer, channel, position, neurons, rule=rule, seed=seed, lrn=lrn,
+                    backend="reference")

@@ -14,6 +14,7 @@ from typing import Dict, Optional
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 CUDA_AVAILABLE = torch.cuda.is_available()
@@ -220,6 +221,112 @@ def forward_to_layer(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Ten
 
 
 # --------------------------------------------------------------------------------------------- #
+# The rule oracle: autograd with every rectifier's backward swapped for the rule's (DESIGN.md)
+# --------------------------------------------------------------------------------------------- #
+
+class _RuleRectifier(torch.autograd.Function):
+    """clamp(x, 0, top) in the forward; in the backward the rule's reverse: deconvnet max(g, 0),
+    guided max(g, 0) * [0 < x < top], gradient g * [0 < x < top]."""
+
+    @staticmethod
+    def forward(ctx, x, top: float, rule: str):
+        y = x.clamp(0, top) if top != float("inf") else x.clamp_min(0)
+        ctx.rule = rule
+        ctx.save_for_backward((x > 0) & (x < top))
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (passed,) = ctx.saved_tensors
+        if ctx.rule == "deconvnet":
+            return g.clamp_min(0), None, None
+        if ctx.rule == "guided":
+            return g.clamp_min(0) * passed, None, None
+        return g * passed, None, None
+
+
+_RELUS = {F.relu, torch.relu, torch.Tensor.relu, F.relu_, torch.relu_, torch.Tensor.relu_}
+_RELU6S = {F.relu6, F.hardtanh, torch.nn.functional.hardtanh_}
+
+
+class RuleMode(torch.overrides.TorchFunctionMode):
+    """Catches every rectifier a forward can call, in every form (nn.ReLU calls F.relu, nn.ReLU6
+    F.hardtanh; methods come as Tensor.relu and Tensor.relu_; in place or not), and runs it with the
+    rule's backward. The results are returned out of place: the models under test use them."""
+
+    def __init__(self, rule: str):
+        super().__init__()
+        self.rule = rule
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RELUS:
+            return _RuleRectifier.apply(args[0] if args else kwargs["input"], float("inf"), self.rule)
+        if func in _RELU6S:
+            bounds = (args[1:3] if len(args) >= 3 else (kwargs.get("min_val", 0.0), kwargs.get("max_val", 6.0))) \
+                if func is not F.relu6 else (0.0, 6.0)
+            assert tuple(bounds) == (0.0, 6.0), f"only hardtanh(0, 6) is a ReLU6, got {bounds}"
+            return _RuleRectifier.apply(args[0] if args else kwargs["input"], 6.0, self.rule)
+        return func(*args, **kwargs)
+
+
+def randomize_batch_norms(model: nn.Module, seed: int) -> nn.Module:
+    """Running statistics and affine parameters away from their defaults (0, 1, 1, 0), so that a
+    BatchNorm that is reversed wrongly (or run in train mode) changes the result."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                c = module.num_features
+                module.running_mean.copy_(0.5 * torch.randn(c, generator=generator))
+                module.running_var.copy_(0.25 + 2 * torch.rand(c, generator=generator))
+                module.weight.copy_(0.5 + torch.rand(c, generator=generator))
+                module.bias.copy_(0.2 * torch.randn(c, generator=generator))
+    return model
+
+
+def rule_seed_map(out: torch.Tensor, channel=None, position=None, neurons=None, seed: str = "value") -> torch.Tensor:
+    """DESIGN's seed, shaped like ``out`` (one row per projection): the selected activations keep their
+    value (or 1), all else 0. ``channel`` alone picks each row's first maximum of that map, row-major;
+    with ``neurons``, row p of ``out`` belongs to neurons[p]."""
+    out = out.detach()
+    if channel is None and neurons is None:
+        return torch.ones_like(out) if seed == "one" else out.clone()
+    rows = torch.arange(out.shape[0])
+    if neurons is not None:
+        channels, ys, xs = neurons[:, 1], neurons[:, 2], neurons[:, 3]
+    else:
+        channels = torch.full_like(rows, channel)
+        if out.dim() == 2:
+            ys = xs = torch.zeros_like(rows)
+        elif position is None:
+            strongest = out[:, channel].flatten(1).argmax(dim=1)
+            ys, xs = strongest // out.shape[3], strongest % out.shape[3]
+        else:
+            ys, xs = torch.full_like(rows, position[0]), torch.full_like(rows, position[1])
+    index = (rows, channels) if out.dim() == 2 else (rows, channels, ys, xs)
+    g = torch.zeros_like(out)
+    g[index] = 1.0 if seed == "one" else out[index]
+    return g
+
+
+def rule_oracle(model64: nn.Module, images: torch.Tensor, layer: str, channel=None, position=None, neurons=None, *,
+                rule: str = "deconvnet", seed: str = "value") -> torch.Tensor:
+    """The projection by autograd in float64 on the CPU: the input-gradient of ``layer``'s output seeded
+    with the seed map, every rectifier's backward the rule's. ``model64``: a float64 eval-mode copy.
+    With ``neurons`` the images are repeated per row, so each row gets its own backward."""
+    x = images.detach().to("cpu", torch.float64)
+    if neurons is not None:
+        neurons = neurons.cpu()
+        x = x[neurons[:, 0]]
+    x = x.clone().requires_grad_(True)
+    with torch.enable_grad(), RuleMode(rule):
+        out = forward_to_layer(model64, x, layer)
+    (grad,) = torch.autograd.grad(out, x, rule_seed_map(out, channel, position, neurons, seed))
+    return grad
+
+
+# --------------------------------------------------------------------------------------------- #
 # top_activations: a small model and the brute-force oracle (shared by the scan's test modules)
 # --------------------------------------------------------------------------------------------- #
 
@@ -297,3 +404,20 @@ def assert_top_equals(top, expected: Dict[str, torch.Tensor], *, device, dtype=t
     assert torch.equal(values[missing], expected["values"][missing]), f"{msg}: missing entries must be -inf"
     torch.testing.assert_close(values[~missing], expected["values"][~missing], rtol=rtol, atol=atol,
                                msg=lambda detail: f"{msg}: {detail}")
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """A map-style Dataset of (image, label) pairs over a tensor, remembering which items were read
+    (in this process; with worker processes the reads happen elsewhere)."""
+
+    def __init__(self, tensor: torch.Tensor, fail_at=None):
+        self.tensor, self.fail_at, self.reads = tensor, fail_at, []
+
+    def __len__(self):
+        return self.tensor.shape[0]
+
+    def __getitem__(self, index):
+        if index == self.fail_at:
+            raise RuntimeError(f"simulated crash at image {index}")
+        self.reads.append(index)
+        return self.tensor[index], index % 3

@@ -31,7 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from conftest import (DEVICES, FLOAT_DTYPES, assert_bitwise_equal, assert_close_to_oracle, case_rng, dtype_id,
-                      forward_to_layer, random_tensor, torch_generator)
+                      forward_to_layer, random_tensor, randomize_batch_norms, torch_generator)
 import deconvcuda
 from deconvcuda import engine, reference
 
@@ -144,21 +144,6 @@ def deconv_oracle(model64: nn.Module, images: torch.Tensor, layer: str, channel=
 # --------------------------------------------------------------------------------------------- #
 # Models
 # --------------------------------------------------------------------------------------------- #
-
-def randomize_batch_norms(model: nn.Module, seed: int) -> nn.Module:
-    """Running statistics and affine parameters away from their defaults (0, 1, 1, 0), so that a
-    BatchNorm that is reversed wrongly (or run in train mode) changes the result."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                c = module.num_features
-                module.running_mean.copy_(0.5 * torch.randn(c, generator=generator))
-                module.running_var.copy_(0.25 + 2 * torch.rand(c, generator=generator))
-                module.weight.copy_(0.5 + torch.rand(c, generator=generator))
-                module.bias.copy_(0.2 * torch.randn(c, generator=generator))
-    return model
-
 
 class GeometryNet(nn.Module):
     """Every reverse the engine has, with the geometry windows get wrong: stride 2 and padded convs,

@@ -21,14 +21,27 @@ def supported() -> str:
                  Linear, Flatten, Add, Cat, Identity]:
         forms = [t.__name__ for t in kind.modules] + [_function_name(f) for f in kind.functions] + \
                 [f"Tensor.{m}" for m in kind.methods]
+        forms = list(dict.fromkeys(forms))  # F.conv2d is torch.conv2d
         names.append(f"{kind.name} ({', '.join(forms)})")
     return "; ".join(names)
 
 
 def _function_name(function) -> str:
+    """How a user writes ``function``: ``F.gelu`` (also for builtins such as torch._C._nn.gelu),
+    ``torch.cat``, ``operator.mul``, ``+``."""
     import operator
+
+    import torch
+    import torch.nn.functional as F
+
     if function in (operator.add, operator.iadd):
         return "+" if function is operator.add else "+="
-    module = getattr(function, "__module__", "") or ""
+    module = getattr(function, "__module__", None) or ""
     name = getattr(function, "__name__", repr(function))
-    return f"F.{name}" if module.startswith("torch.nn.functional") else f"torch.{name}"
+    if module.startswith("torch.nn.functional") or getattr(F, name, None) is function:
+        return f"F.{name}"
+    if getattr(torch, name, None) is function:
+        return f"torch.{name}"
+    if module in ("_operator", "operator"):
+        return f"operator.{name}"
+    return f"{module}.{name}" if module else name
