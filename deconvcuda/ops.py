@@ -19,6 +19,8 @@ IntPair = Union[int, Sequence[int]]
 __all__ = ["max_pool2d_switches", "unpool_relu", "deconv2d", "unpool_relu_deconv2d"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+#: The reverse rules of the ReLU before a max pool (DESIGN.md's table; csrc/common/rules.h).
+RULES = ("deconvnet", "guided", "gradient")
 _MAX_KERNEL_TAPS = 256  # uint8 switches name at most 256 taps (16x16)
 
 
@@ -74,16 +76,22 @@ def max_pool2d_switches(input: torch.Tensor, kernel_size: IntPair, stride: Optio
 
 
 def unpool_relu(grad: torch.Tensor, switches: torch.Tensor, input_size, kernel_size: IntPair,
-                stride: Optional[IntPair] = None, padding: IntPair = 0, dilation: IntPair = 1) -> torch.Tensor:
+                stride: Optional[IntPair] = None, padding: IntPair = 0, dilation: IntPair = 1,
+                rule: str = "deconvnet", positive: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``relu`` of the switch-based unpooling of ``grad`` to the pool's ``input_size``. Where
     windows overlap, contributions to the same position add up before the ReLU (the gradient of
-    max_pool2d, not ``nn.MaxUnpool2d``)."""
+    max_pool2d, not ``nn.MaxUnpool2d``).
+
+    ``rule`` is the reverse of the ReLU before the pool: ``"deconvnet"`` (the above; ``positive`` is
+    not read), ``"guided"`` (values where ``positive`` is False are dropped before the sum, then the
+    ReLU) or ``"gradient"`` (dropped likewise, no ReLU: with ``positive=None``, max_pool2d's
+    backward). ``positive``: bool, shaped like ``grad``, whether the pool's forward output was > 0."""
     op = "unpool_relu"
     kernel = _pair(op, "kernel_size", kernel_size)
     stride = kernel if stride is None else _pair(op, "stride", stride)
     return torch.ops.deconvcuda.unpool_relu(
         grad, switches, _spatial_size(op, "input_size", input_size), kernel, stride,
-        _pair(op, "padding", padding), _pair(op, "dilation", dilation))
+        _pair(op, "padding", padding), _pair(op, "dilation", dilation), rule=rule, positive=positive)
 
 
 def deconv2d(input: torch.Tensor, weight: torch.Tensor, stride: IntPair = 1, padding: IntPair = 0,
@@ -104,10 +112,11 @@ def deconv2d(input: torch.Tensor, weight: torch.Tensor, stride: IntPair = 1, pad
 def unpool_relu_deconv2d(grad: torch.Tensor, switches: torch.Tensor, weight: torch.Tensor, input_size,
                          kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0,
                          dilation: IntPair = 1, conv_stride: IntPair = 1, conv_padding: IntPair = 0,
-                         conv_dilation: IntPair = 1, groups: int = 1, output_size=None) -> torch.Tensor:
-    """``deconv2d(unpool_relu(grad, switches, input_size, kernel_size, stride, padding, dilation),
-    weight, conv_stride, conv_padding, conv_dilation, groups, output_size)`` in one kernel that
-    gathers, for each pooled value, the filter tap its switch selects: the reverse of
+                         conv_dilation: IntPair = 1, groups: int = 1, output_size=None, rule: str = "deconvnet",
+                         positive: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``deconv2d(unpool_relu(grad, switches, input_size, kernel_size, stride, padding, dilation,
+    rule, positive), weight, conv_stride, conv_padding, conv_dilation, groups, output_size)`` in one
+    kernel that gathers, for each pooled value, the filter tap its switch selects: the reverse of
     conv -> relu -> maxpool. ``input_size`` is the pool's input (the conv's output)."""
     op = "unpool_relu_deconv2d"
     kernel = _pair(op, "kernel_size", kernel_size)
@@ -121,7 +130,7 @@ def unpool_relu_deconv2d(grad: torch.Tensor, switches: torch.Tensor, weight: tor
     return torch.ops.deconvcuda.unpool_relu_deconv2d(
         grad, switches, weight, input_hw, kernel, stride, _pair(op, "padding", padding),
         _pair(op, "dilation", dilation), conv_stride, conv_padding, conv_dilation, int(groups),
-        _spatial_size(op, "output_size", output_size))
+        _spatial_size(op, "output_size", output_size), rule=rule, positive=positive)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -158,6 +167,18 @@ def _check_switches(op, switches, grad):
           f"{op}: switches must be on the device of grad ({grad.device}), got {switches.device}")
     _fail(switches.shape == grad.shape,
           f"{op}: switches must have the shape of grad {list(grad.shape)}, got {list(switches.shape)}")
+
+
+def _check_rule(op, rule, positive, grad):
+    _fail(rule in RULES, f'{op}: rule must be "deconvnet", "guided" or "gradient", got "{rule}"')
+    if positive is None:
+        return
+    _fail(positive.dtype == torch.bool,
+          f"{op}: positive must be bool (whether the pool's forward output was > 0), got {positive.dtype}")
+    _fail(positive.device == grad.device,
+          f"{op}: positive must be on the device of grad ({grad.device}), got {positive.device}")
+    _fail(positive.shape == grad.shape,
+          f"{op}: positive must have the shape of grad {list(grad.shape)}, got {list(positive.shape)}")
 
 
 def _check_pool(op, kernel_size, stride, padding, dilation):
@@ -228,13 +249,14 @@ def _(input, kernel_size, stride, padding, dilation, ceil_mode):
 
 
 @torch.library.register_fake("deconvcuda::unpool_relu")
-def _(grad, switches, input_size, kernel_size, stride, padding, dilation):
+def _(grad, switches, input_size, kernel_size, stride, padding, dilation, rule="deconvnet", positive=None):
     op = "unpool_relu"
     _check_4d(op, "grad", grad)
     _check_floating(op, "grad", grad)
     _check_switches(op, switches, grad)
     _check_pool(op, kernel_size, stride, padding, dilation)
     _check_input_size_pools_to(op, input_size, grad, kernel_size, stride, padding, dilation)
+    _check_rule(op, rule, positive, grad)
     return grad.new_empty((grad.shape[0], grad.shape[1], input_size[0], input_size[1]))
 
 
@@ -250,7 +272,7 @@ def _(input, weight, stride, padding, dilation, groups, output_size):
 
 @torch.library.register_fake("deconvcuda::unpool_relu_deconv2d")
 def _(grad, switches, weight, input_size, kernel_size, stride, padding, dilation, conv_stride, conv_padding,
-      conv_dilation, groups, output_size):
+      conv_dilation, groups, output_size, rule="deconvnet", positive=None):
     op = "unpool_relu_deconv2d"
     _check_4d(op, "grad", grad)
     _check_floating(op, "grad", grad)
@@ -260,4 +282,5 @@ def _(grad, switches, weight, input_size, kernel_size, stride, padding, dilation
     channels = _check_deconv_weight_and_size(op, "grad", grad, weight, input_size, conv_stride, conv_padding,
                                              conv_dilation, groups, output_size,
                                              ("conv_stride", "conv_padding", "conv_dilation"))
+    _check_rule(op, rule, positive, grad)
     return grad.new_empty((grad.shape[0], channels, output_size[0], output_size[1]))

@@ -62,19 +62,31 @@ def _switch_targets(switches: torch.Tensor, input_size, kernel, stride, padding,
     return (iy * input_size[1] + ix).clamp(0, input_size[0] * input_size[1] - 1), valid
 
 
+_RULES = ("deconvnet", "guided", "gradient")
+
+
 def unpool_relu(grad: torch.Tensor, switches: torch.Tensor, input_size, kernel_size: IntPair,
-                stride: Optional[IntPair] = None, padding: IntPair = 0, dilation: IntPair = 1) -> torch.Tensor:
-    """relu(sum of each pooled value scattered to its switch)."""
+                stride: Optional[IntPair] = None, padding: IntPair = 0, dilation: IntPair = 1,
+                rule: str = "deconvnet", positive: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """relu(sum of each pooled value scattered to its switch), under ``rule``: "guided" and
+    "gradient" drop the values where ``positive`` is False (where it is given), "gradient" skips
+    the relu."""
+    if rule not in _RULES:
+        raise ValueError(f'unpool_relu: rule must be "deconvnet", "guided" or "gradient", got "{rule}"')
     kernel = _pair(kernel_size)
     stride = kernel if stride is None else _pair(stride)
     padding, dilation, input_size = _pair(padding), _pair(dilation), _pair(input_size)
     target, valid = _switch_targets(switches, input_size, kernel, stride, padding, dilation)
+    if rule != "deconvnet" and positive is not None:
+        valid = valid & positive
     n, c, pooled = grad.shape[0], grad.shape[1], grad.shape[2] * grad.shape[3]
     values = torch.where(valid, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
     # accumulate in float64 so that the oracle's only rounding is the final cast
     plane = torch.zeros(n, c, input_size[0] * input_size[1], dtype=torch.float64, device=grad.device)
     plane.scatter_add_(2, target.reshape(n, c, pooled), values.reshape(n, c, pooled).double())
-    return torch.relu(plane).view(n, c, *input_size).to(grad.dtype)
+    if rule != "gradient":
+        plane = torch.relu(plane)
+    return plane.view(n, c, *input_size).to(grad.dtype)
 
 
 def deconv2d(input: torch.Tensor, weight: torch.Tensor, stride: IntPair = 1, padding: IntPair = 0,
@@ -94,9 +106,12 @@ def deconv2d(input: torch.Tensor, weight: torch.Tensor, stride: IntPair = 1, pad
 def unpool_relu_deconv2d(grad: torch.Tensor, switches: torch.Tensor, weight: torch.Tensor, input_size,
                          kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0,
                          dilation: IntPair = 1, conv_stride: IntPair = 1, conv_padding: IntPair = 0,
-                         conv_dilation: IntPair = 1, groups: int = 1, output_size=None) -> torch.Tensor:
+                         conv_dilation: IntPair = 1, groups: int = 1, output_size=None, rule: str = "deconvnet",
+                         positive: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The composition the fused kernel computes in one pass."""
-    unpooled = unpool_relu(grad, switches, input_size, kernel_size, stride, padding, dilation)
+    if rule not in _RULES:
+        raise ValueError(f'unpool_relu_deconv2d: rule must be "deconvnet", "guided" or "gradient", got "{rule}"')
+    unpooled = unpool_relu(grad, switches, input_size, kernel_size, stride, padding, dilation, rule, positive)
     return deconv2d(unpooled, weight, conv_stride, conv_padding, conv_dilation, groups, output_size)
 
 

@@ -18,6 +18,7 @@
 
 #include "common/checks.h"
 #include "common/geometry.h"
+#include "common/rules.h"
 #include "cuda/elements.cuh"
 
 namespace {
@@ -59,20 +60,25 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_switches(const at::Tensor& input, 
 
 at::Tensor unpool_relu(const at::Tensor& grad, const at::Tensor& switches, at::IntArrayRef input_size,
                        at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                       at::IntArrayRef dilation) {
-  const auto pool = checks::check_unpool_relu(grad, switches, input_size, kernel_size, stride, padding, dilation);
+                       at::IntArrayRef dilation, c10::string_view rule, const std::optional<at::Tensor>& positive) {
+  const auto call =
+      checks::check_unpool_relu(grad, switches, input_size, kernel_size, stride, padding, dilation, rule, positive);
   const int64_t height = input_size[0], width = input_size[1];
   at::Tensor output = at::empty({grad.size(0), grad.size(1), height, width}, grad.options());
   if (output.numel() == 0) return output;
   if (grad.numel() == 0) return output.zero_();
   const at::Tensor grad_nchw = grad.contiguous();
   const at::Tensor switches_nchw = switches.contiguous();
+  const checks::Mask mask(positive);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "unpool_relu", [&] {
     const scalar_t* g = grad_nchw.const_data_ptr<scalar_t>();
     const uint8_t* sw = switches_nchw.const_data_ptr<uint8_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
-    for_each_work_item(output.numel(), [&](int64_t index) {
-      cuda_elements::unpool_relu_element(index, g, sw, out, height, width, grad.size(2), grad.size(3), pool);
+    rules::dispatch_rule(call.rule, mask.present(), [&](auto rule_type) {
+      for_each_work_item(output.numel(), [&](int64_t index) {
+        cuda_elements::unpool_relu_element<decltype(rule_type)>(index, g, mask.data(), sw, out, height, width,
+                                                                grad.size(2), grad.size(3), call.pool);
+      });
     });
   });
   return output;
@@ -82,10 +88,11 @@ at::Tensor unpool_relu_deconv2d(const at::Tensor& grad, const at::Tensor& switch
                                 at::IntArrayRef input_size, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation, at::IntArrayRef conv_stride,
                                 at::IntArrayRef conv_padding, at::IntArrayRef conv_dilation, int64_t groups,
-                                at::IntArrayRef output_size) {
+                                at::IntArrayRef output_size, c10::string_view rule,
+                                const std::optional<at::Tensor>& positive) {
   const auto fused = checks::check_unpool_relu_deconv2d(grad, switches, weight, input_size, kernel_size, stride,
                                                         padding, dilation, conv_stride, conv_padding, conv_dilation,
-                                                        groups, output_size);
+                                                        groups, output_size, rule, positive);
   const auto shape = cuda_elements::FusedShape::of(weight.size(0), weight.size(1), groups, grad.size(2),
                                                    grad.size(3), input_size[0], input_size[1], output_size[0],
                                                    output_size[1]);
@@ -96,13 +103,17 @@ at::Tensor unpool_relu_deconv2d(const at::Tensor& grad, const at::Tensor& switch
   const at::Tensor grad_nchw = grad.contiguous();
   const at::Tensor switches_nchw = switches.contiguous();
   const at::Tensor weight_oihw = weight.contiguous();
+  const checks::Mask mask(positive);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "unpool_relu_deconv2d", [&] {
     const scalar_t* g = grad_nchw.const_data_ptr<scalar_t>();
     const uint8_t* sw = switches_nchw.const_data_ptr<uint8_t>();
     const scalar_t* w = weight_oihw.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
-    for_each_work_item(shape.work_items(grad.size(0)), [&](int64_t index) {
-      cuda_elements::unpool_relu_deconv2d_element(index, g, sw, w, out, shape, fused.pool, fused.conv);
+    rules::dispatch_rule(fused.rule, mask.present(), [&](auto rule_type) {
+      for_each_work_item(shape.work_items(grad.size(0)), [&](int64_t index) {
+        cuda_elements::unpool_relu_deconv2d_element<decltype(rule_type)>(index, g, mask.data(), sw, w, out, shape,
+                                                                         fused.pool, fused.conv);
+      });
     });
   });
   return output;
@@ -117,10 +128,11 @@ TORCH_LIBRARY(deconvcuda_cuda_emulation, m) {
         "int[2] dilation, bool ceil_mode) -> (Tensor, Tensor)",
         TORCH_FN(max_pool2d_switches));
   m.def("unpool_relu(Tensor grad, Tensor switches, int[2] input_size, int[2] kernel_size, int[2] stride, "
-        "int[2] padding, int[2] dilation) -> Tensor",
+        "int[2] padding, int[2] dilation, str rule=\"deconvnet\", Tensor? positive=None) -> Tensor",
         TORCH_FN(unpool_relu));
   m.def("unpool_relu_deconv2d(Tensor grad, Tensor switches, Tensor weight, int[2] input_size, "
         "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int[2] conv_stride, "
-        "int[2] conv_padding, int[2] conv_dilation, int groups, int[2] output_size) -> Tensor",
+        "int[2] conv_padding, int[2] conv_dilation, int groups, int[2] output_size, "
+        "str rule=\"deconvnet\", Tensor? positive=None) -> Tensor",
         TORCH_FN(unpool_relu_deconv2d));
 }

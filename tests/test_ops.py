@@ -75,10 +75,26 @@ def pool_with_autograd(x: torch.Tensor, pool: "Pool"):
     return x64, out64, switches
 
 
-def unpool_relu_truth(x64, out64, grad: torch.Tensor) -> torch.Tensor:
-    """relu(max_pool2d's input-gradient), in float64: overlapping windows sum, then the ReLU."""
-    (grad_input,) = torch.autograd.grad(out64, x64, grad.to(torch.float64), retain_graph=True)
-    return torch.relu(grad_input)
+#: (rule, whether positive is passed): every rule with the forward's mask, "gradient" also without
+#: one (max_pool2d's own backward), "deconvnet" also with one (which it must ignore).
+RULE_VARIANTS = [("deconvnet", False), ("deconvnet", True), ("guided", True), ("gradient", True),
+                 ("gradient", False)]
+
+
+def rule_kwargs(rule: str, masked: bool, out64: torch.Tensor, device) -> dict:
+    """The ops' rule arguments: positive = whether the forward pool's output was > 0."""
+    return dict(rule=rule, positive=(out64 > 0).to(device) if masked else None)
+
+
+def unpool_relu_truth(x64, out64, grad: torch.Tensor, rule: str = "deconvnet", positive=None) -> torch.Tensor:
+    """max_pool2d's input-gradient (float64; overlapping windows sum) under ``rule``: "guided" and
+    "gradient" seed it with ``grad`` where ``positive`` (ReLU's backward at the switch), and every
+    rule but "gradient" ends with the ReLU."""
+    seed = grad.to(torch.float64)
+    if rule != "deconvnet" and positive is not None:
+        seed = torch.where(positive.to(seed.device), seed, torch.zeros_like(seed))
+    (grad_input,) = torch.autograd.grad(out64, x64, seed, retain_graph=True)
+    return grad_input if rule == "gradient" else torch.relu(grad_input)
 
 
 def conv_input_gradient(grad: torch.Tensor, weight: torch.Tensor, input_size: Pair, conv: "Conv") -> torch.Tensor:
@@ -351,25 +367,39 @@ def check_unpool_relu(unpool_relu, device, dtype, case):
     x, grad = pool_inputs(case, dtype, device, "unpool_relu")
     p = case.pool
     x64, out64, switches = pool_with_autograd(x, p)
-    result = unpool_relu(grad, switches, case.size, *p.args())
-    expected = reference.unpool_relu(grad, switches, case.size, *p.args())
-    truth = unpool_relu_truth(x64, out64, grad)
-    magnitude = unpool_relu_truth(x64, out64, grad.abs())  # sum of |terms|: the scale of rounding errors
-    assert result.shape == (case.n, case.c, *case.size)
-    assert_close_to_oracle(result, expected, truth, magnitude=magnitude, msg=f"unpool_relu {case}")
+    default = unpool_relu(grad, switches, case.size, *p.args())
+    for rule, masked in RULE_VARIANTS:
+        kwargs = rule_kwargs(rule, masked, out64, device)
+        result = unpool_relu(grad, switches, case.size, *p.args(), **kwargs)
+        expected = reference.unpool_relu(grad, switches, case.size, *p.args(), **kwargs)
+        truth = unpool_relu_truth(x64, out64, grad, **kwargs)
+        # sum of |terms|: the scale of rounding errors
+        magnitude = unpool_relu_truth(x64, out64, grad.abs(), **kwargs)
+        assert result.shape == (case.n, case.c, *case.size)
+        assert_close_to_oracle(result, expected, truth, magnitude=magnitude,
+                               msg=f"unpool_relu rule={rule} masked={masked} {case}")
+        if rule == "deconvnet":  # the default, and positive is not read
+            assert_bitwise_equal(result, default, f"unpool_relu deconvnet masked={masked} vs the default")
 
 
 def check_unpool_relu_deconv2d(unpool_relu_deconv2d, device, dtype, case):
     pre_pool, grad, weight, pool_input = fused_inputs(case, dtype, device, "unpool_relu_deconv2d")
     x64, out64, switches = pool_with_autograd(pre_pool, case.pool)
     args = fused_args(case, pool_input)
-    result = unpool_relu_deconv2d(grad, switches, weight, *args)
-    expected = reference.unpool_relu_deconv2d(grad, switches, weight, *args)
-    # autograd, chained: relu(max_pool2d's backward), then conv2d's input-gradient
-    truth = conv_input_gradient(unpool_relu_truth(x64, out64, grad), weight, case.size, case.conv)
-    magnitude = conv_input_gradient(unpool_relu_truth(x64, out64, grad.abs()), weight.abs(), case.size, case.conv)
-    assert result.shape == (case.n, case.c_in, *case.size)
-    assert_close_to_oracle(result, expected, truth, magnitude=magnitude, msg=f"unpool_relu_deconv2d {case}")
+    default = unpool_relu_deconv2d(grad, switches, weight, *args)
+    for rule, masked in RULE_VARIANTS:
+        kwargs = rule_kwargs(rule, masked, out64, device)
+        result = unpool_relu_deconv2d(grad, switches, weight, *args, **kwargs)
+        expected = reference.unpool_relu_deconv2d(grad, switches, weight, *args, **kwargs)
+        # autograd, chained: max_pool2d's backward under the rule, then conv2d's input-gradient
+        truth = conv_input_gradient(unpool_relu_truth(x64, out64, grad, **kwargs), weight, case.size, case.conv)
+        magnitude = conv_input_gradient(unpool_relu_truth(x64, out64, grad.abs(), **kwargs), weight.abs(),
+                                        case.size, case.conv)
+        assert result.shape == (case.n, case.c_in, *case.size)
+        assert_close_to_oracle(result, expected, truth, magnitude=magnitude,
+                               msg=f"unpool_relu_deconv2d rule={rule} masked={masked} {case}")
+        if rule == "deconvnet":
+            assert_bitwise_equal(result, default, f"unpool_relu_deconv2d deconvnet masked={masked} vs the default")
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
@@ -622,14 +652,19 @@ def _pool_sample(shape, pool, ceil_mode=False, dtype=torch.float32, channels_las
         out, switches = ops.max_pool2d_switches(x, *pool, ceil_mode=ceil_mode)
         size = list(x.shape[2:])
         weight = torch.randn(x.shape[1], 2, 3, 3, dtype=dtype, device=device)
+        positive = out > 0
         return {
             "max_pool2d_switches": (x, *pool, ceil_mode),
             "unpool_relu": (out, switches, size, *pool),
+            "unpool_relu:guided": (out, switches, size, *pool, "guided", positive),
+            "unpool_relu:gradient": (out, switches, size, *pool, "gradient", None),
             # 3x3, stride 1, padding 1: the same size back
             "deconv2d": (x, weight, [1, 1], [1, 1], [1, 1], 1, size),
             # 3x3, stride 1, no padding: two more
             "unpool_relu_deconv2d": (out, switches, weight, size, *pool, [1, 1], [0, 0], [1, 1], 1,
                                      [s + 2 for s in size]),
+            "unpool_relu_deconv2d:gradient": (out, switches, weight, size, *pool, [1, 1], [0, 0], [1, 1], 1,
+                                              [s + 2 for s in size], "gradient", positive),
         }
     return build
 
@@ -642,14 +677,16 @@ OPCHECK_INPUTS = {
                                            channels_last=True),
     "empty": _pool_sample((0, 3, 6, 6), ([2, 2], [2, 2], [0, 0], [1, 1])),
 }
+# "op:variant": the op with its rule arguments
 OPCHECK_SAMPLES = [(op, inputs) for inputs in OPCHECK_INPUTS
-                   for op in ["max_pool2d_switches", "unpool_relu", "deconv2d", "unpool_relu_deconv2d"]]
+                   for op in ["max_pool2d_switches", "unpool_relu", "unpool_relu:guided", "unpool_relu:gradient",
+                              "deconv2d", "unpool_relu_deconv2d", "unpool_relu_deconv2d:gradient"]]
 
 
 @pytest.mark.parametrize("op, inputs", OPCHECK_SAMPLES, ids=[f"{op}-{inputs}" for op, inputs in OPCHECK_SAMPLES])
 def test_opcheck(device, op, inputs):
     args = OPCHECK_INPUTS[inputs](device)[op]
-    torch.library.opcheck(getattr(torch.ops.deconvcuda, op), args)
+    torch.library.opcheck(getattr(torch.ops.deconvcuda, op.split(":")[0]), args)
 
 
 def test_opcheck_grouped_strided_deconv2d(device):
@@ -679,6 +716,10 @@ def _t(*shape, dtype=torch.float32, device="cpu"):
 
 def _u8(*shape, device="cpu"):
     return torch.zeros(*shape, dtype=torch.uint8, device=device)
+
+
+def _b(*shape, device="cpu"):
+    return torch.zeros(*shape, dtype=torch.bool, device=device)
 
 
 def _other(device):
@@ -759,6 +800,17 @@ BAD_INPUTS = [
              r"unpool_relu: input_size must be positive, got \[0, 8\]"),
     BadInput("unpool-wrong-input-size", lambda d: _unpool(d, input_size=(8, 11)),
              r"unpool_relu: input_size \[8, 11\] pools to 5 \(ceil_mode: 6\) along dim 3, but grad has 4"),
+    BadInput("unpool-unknown-rule", lambda d: _unpool(d, rule="lrp"),
+             r'unpool_relu: rule must be "deconvnet", "guided" or "gradient", got "lrp"'),
+    BadInput("unpool-float-positive", lambda d: _unpool(d, rule="guided", positive=_t(*POOLED, device=d)),
+             r"unpool_relu: positive must be bool \(whether the pool's forward output was > 0\), got torch\.float32"),
+    BadInput("unpool-positive-shape", lambda d: _unpool(d, rule="gradient", positive=_b(1, 2, 4, 3, device=d)),
+             r"unpool_relu: positive must have the shape of grad \[1, 2, 4, 4\], got \[1, 2, 4, 3\]"),
+    # checked under "deconvnet" too, which does not read it
+    BadInput("unpool-positive-shape-deconvnet", lambda d: _unpool(d, positive=_b(1, 2, 4, device=d)),
+             r"unpool_relu: positive must have the shape of grad \[1, 2, 4, 4\], got \[1, 2, 4\]"),
+    BadInput("unpool-positive-device", lambda d: _unpool(d, rule="guided", positive=_b(*POOLED, device=_other(d))),
+             r"unpool_relu: positive must be on the device of grad \(\w+(:\d+)?\), got \w+", True),
     # deconv2d
     BadInput("deconv-3d-input", lambda d: _deconv(d, x=_t(2, 5, 5, device=d)),
              r"deconv2d: input must be 4-D \[N, C, H, W\], got 3-D with shape \[2, 5, 5\]"),
@@ -821,6 +873,15 @@ BAD_INPUTS = [
              r"positions gives 10 to 10"),
     BadInput("fused-groups-not-dividing", lambda d: _fused(d, groups=4),
              r"unpool_relu_deconv2d: weight\.size\(0\) \(2\) must be divisible by groups \(4\)"),
+    BadInput("fused-unknown-rule", lambda d: _fused(d, rule="Guided"),
+             r'unpool_relu_deconv2d: rule must be "deconvnet", "guided" or "gradient", got "Guided"'),
+    BadInput("fused-uint8-positive", lambda d: _fused(d, rule="gradient", positive=_u8(*POOLED, device=d)),
+             r"unpool_relu_deconv2d: positive must be bool \(whether the pool's forward output was > 0\), "
+             r"got torch\.uint8"),
+    BadInput("fused-positive-shape", lambda d: _fused(d, rule="guided", positive=_b(2, 2, 4, 4, device=d)),
+             r"unpool_relu_deconv2d: positive must have the shape of grad \[1, 2, 4, 4\], got \[2, 2, 4, 4\]"),
+    BadInput("fused-positive-device", lambda d: _fused(d, rule="guided", positive=_b(*POOLED, device=_other(d))),
+             r"unpool_relu_deconv2d: positive must be on the device of grad", True),
 ]
 
 

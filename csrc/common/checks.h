@@ -6,9 +6,11 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
 
 #include "common/geometry.h"
+#include "common/rules.h"
 
 namespace deconvcuda {
 namespace checks {
@@ -76,6 +78,37 @@ inline void check_switches(const char* op, const at::Tensor& switches, const at:
               ", got ", switches.sizes());
 }
 
+// rule: one of the three names of DESIGN.md's table.
+inline rules::RuleKind check_rule(const char* op, c10::string_view rule) {
+  if (rule == "deconvnet") return rules::RuleKind::kDeconvnet;
+  if (rule == "guided") return rules::RuleKind::kGuided;
+  if (rule == "gradient") return rules::RuleKind::kGradient;
+  TORCH_CHECK(false, op, ": rule must be \"deconvnet\", \"guided\" or \"gradient\", got \"", std::string(rule), "\"");
+}
+
+// positive: a bool per pooled value, shaped and placed like grad. Checked whenever it is given, also
+// under "deconvnet", which does not read it, so that a wrong mask never goes unnoticed.
+inline void check_positive(const char* op, const std::optional<at::Tensor>& positive, const at::Tensor& grad) {
+  if (!positive.has_value()) return;
+  const at::Tensor& mask = *positive;
+  TORCH_CHECK(mask.scalar_type() == at::kBool, op,
+              ": positive must be bool (whether the pool's forward output was > 0), got ",
+              dtype_name(mask.scalar_type()));
+  check_same_device(op, "positive", mask, "grad", grad);
+  TORCH_CHECK(mask.sizes() == grad.sizes(), op, ": positive must have the shape of grad ", grad.sizes(), ", got ",
+              mask.sizes());
+}
+
+// The kernels' view of `positive`: NCHW-contiguous, and its data (nullptr where there is none; the
+// rules that read it are only dispatched when there is one: rules::dispatch_rule).
+struct Mask {
+  at::Tensor tensor;
+  explicit Mask(const std::optional<at::Tensor>& positive)
+      : tensor(positive.has_value() ? positive->contiguous() : at::Tensor()) {}
+  bool present() const { return tensor.defined(); }
+  const bool* data() const { return tensor.defined() ? tensor.const_data_ptr<bool>() : nullptr; }
+};
+
 // Kernel, stride, padding and dilation of a max pool, checked as PyTorch's max_pool2d checks them,
 // plus the uint8 limit of the switches.
 inline geometry::Pool2d pool_geometry(const char* op, at::IntArrayRef kernel_size, at::IntArrayRef stride,
@@ -142,16 +175,24 @@ inline void check_input_size_pools_to(const char* op, at::IntArrayRef input_size
   }
 }
 
-inline geometry::Pool2d check_unpool_relu(const at::Tensor& grad, const at::Tensor& switches,
-                                          at::IntArrayRef input_size, at::IntArrayRef kernel_size,
-                                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+struct UnpoolCall {
+  geometry::Pool2d pool;
+  rules::RuleKind rule;
+};
+
+inline UnpoolCall check_unpool_relu(const at::Tensor& grad, const at::Tensor& switches, at::IntArrayRef input_size,
+                                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, c10::string_view rule,
+                                    const std::optional<at::Tensor>& positive) {
   constexpr const char* op = "unpool_relu";
   check_4d(op, "grad", grad);
   check_floating(op, "grad", grad);
   check_switches(op, switches, grad);
   const auto pool = pool_geometry(op, kernel_size, stride, padding, dilation);
   check_input_size_pools_to(op, input_size, grad, pool);
-  return pool;
+  const auto kind = check_rule(op, rule);
+  check_positive(op, positive, grad);
+  return UnpoolCall{pool, kind};
 }
 
 // The weight of the forward Conv2d [C_out, C_in / groups, kh, kw] against the deconv's input
@@ -200,6 +241,7 @@ inline geometry::Conv2d check_deconv2d(const at::Tensor& input, const at::Tensor
 struct FusedGeometry {
   geometry::Pool2d pool;
   geometry::Conv2d conv;
+  rules::RuleKind rule;
 };
 
 inline FusedGeometry check_unpool_relu_deconv2d(const at::Tensor& grad, const at::Tensor& switches,
@@ -208,7 +250,8 @@ inline FusedGeometry check_unpool_relu_deconv2d(const at::Tensor& grad, const at
                                                 at::IntArrayRef padding, at::IntArrayRef dilation,
                                                 at::IntArrayRef conv_stride, at::IntArrayRef conv_padding,
                                                 at::IntArrayRef conv_dilation, int64_t groups,
-                                                at::IntArrayRef output_size) {
+                                                at::IntArrayRef output_size, c10::string_view rule,
+                                                const std::optional<at::Tensor>& positive) {
   constexpr const char* op = "unpool_relu_deconv2d";
   check_4d(op, "grad", grad);
   check_floating(op, "grad", grad);
@@ -218,7 +261,9 @@ inline FusedGeometry check_unpool_relu_deconv2d(const at::Tensor& grad, const at
   const auto conv = check_deconv_weight_and_size(op, "grad", grad, weight, input_size[0], input_size[1],
                                                  conv_stride, conv_padding, conv_dilation, groups, output_size,
                                                  "conv_stride", "conv_padding", "conv_dilation");
-  return FusedGeometry{pool, conv};
+  const auto kind = check_rule(op, rule);
+  check_positive(op, positive, grad);
+  return FusedGeometry{pool, conv, kind};
 }
 
 // deconv2d on any device: ATen's transposed convolution (cuDNN / oneDNN, tensor cores where

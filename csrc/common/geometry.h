@@ -167,13 +167,15 @@ DECONV_HOST_DEVICE WindowMax<acc_t> window_max(const scalar_t* plane, int64_t he
   return best;
 }
 
-// The value that unpooling routes to input position (y, x) of one channel, before the ReLU: the sum
-// of every pooled value whose window's switch points at (y, x). Windows overlap only where the pool
-// is overlapping; then contributions add up (this is max_pool2d's gradient). `grad` and `switches`
-// point at one [pooled_h, pooled_w] plane with the given row strides (in elements).
-template <typename scalar_t, typename acc_t>
-DECONV_HOST_DEVICE acc_t unpooled_sum(const scalar_t* grad, const uint8_t* switches, int64_t grad_row_stride,
-                                      int64_t grad_col_stride, int64_t switch_row_stride,
+// The value that unpooling routes to input position (y, x) of one channel, before the rule's
+// finish (rules.h): the sum of every pooled value whose window's switch points at (y, x) and that
+// the rule routes (Rule::routes reads `positive`, laid out as `grad`, only for the masked rules).
+// Windows overlap only where the pool is overlapping; then contributions add up (this is
+// max_pool2d's gradient). `grad`, `positive` and `switches` point at one [pooled_h, pooled_w] plane
+// with the given row strides (in elements).
+template <typename Rule, typename scalar_t, typename acc_t>
+DECONV_HOST_DEVICE acc_t unpooled_sum(const scalar_t* grad, const bool* positive, const uint8_t* switches,
+                                      int64_t grad_row_stride, int64_t grad_col_stride, int64_t switch_row_stride,
                                       int64_t switch_col_stride, int64_t pooled_h, int64_t pooled_w,
                                       const Pool2d& pool, int64_t y, int64_t x) {
   acc_t sum = acc_t(0);
@@ -185,8 +187,10 @@ DECONV_HOST_DEVICE acc_t unpooled_sum(const scalar_t* grad, const uint8_t* switc
     for (int64_t px = cols.first; px <= cols.last; ++px) {
       const int64_t kx = tap_of(x, px, pool.kernel_w, pool.stride_w, pool.padding_w, pool.dilation_w);
       if (kx == kNoTap) continue;
-      if (static_cast<int64_t>(switches[py * switch_row_stride + px * switch_col_stride]) == ky * pool.kernel_w + kx) {
-        sum += static_cast<acc_t>(grad[py * grad_row_stride + px * grad_col_stride]);
+      const int64_t at = py * grad_row_stride + px * grad_col_stride;
+      if (static_cast<int64_t>(switches[py * switch_row_stride + px * switch_col_stride]) == ky * pool.kernel_w + kx &&
+          Rule::routes(positive, at)) {
+        sum += static_cast<acc_t>(grad[at]);
       }
     }
   }

@@ -29,6 +29,7 @@
 
 #include "common/checks.h"
 #include "common/geometry.h"
+#include "common/rules.h"
 
 namespace deconvcuda {
 namespace ops {
@@ -76,23 +77,62 @@ void max_pool2d_switches_kernel(const scalar_t* input, scalar_t* output, uint8_t
 // unpool_relu
 // --------------------------------------------------------------------------------------------- //
 
-// A gather: each input position of each plane sums the pooled values whose switch selects it
-// (geometry::unpooled_sum visits only the windows that contain the position, so a switch that
-// names no tap, or a tap outside the input, is never matched and never dereferenced).
-template <typename scalar_t>
-void unpool_relu_kernel(const scalar_t* grad, const uint8_t* switches, scalar_t* output, int64_t planes,
-                        int64_t pooled_h, int64_t pooled_w, int64_t input_h, int64_t input_w, const Pool2d& pool) {
+// Where tap t of a pool window lands, relative to the window's first position: (dy[t], dx[t]), for
+// every uint8 switch value; `valid[t]` is false for values that name no tap. Made once per call, so
+// the kernels decode a switch with two loads instead of a division by kernel_w.
+struct TapOffsets {
+  int64_t dy[geometry::kMaxKernelTaps + 1];
+  int64_t dx[geometry::kMaxKernelTaps + 1];
+  int64_t taps;
+
+  explicit TapOffsets(const Pool2d& pool) : taps(pool.kernel_h * pool.kernel_w) {
+    for (int64_t tap = 0; tap < taps; ++tap) {
+      dy[tap] = (tap / pool.kernel_w) * pool.dilation_h;
+      dx[tap] = (tap % pool.kernel_w) * pool.dilation_w;
+    }
+  }
+};
+
+// Per plane, one walk over the pooled values in row-major order: each value the rule routes is
+// added to the position its switch selects, in a plane of sums that stays in cache; then the rule's
+// finish (relu, or nothing) turns the sums into the output. Where windows overlap, a position's
+// contributions add up in row-major window order: the same order as geometry::unpooled_sum's
+// gather (the CUDA kernel's), so for any number of threads the bits are the same. A switch that
+// names no tap, or a tap in the padding, is skipped, never followed outside the plane. float32 and
+// float64 sum in the output itself; half and bfloat16 in a float32 plane per thread.
+template <typename Rule, typename scalar_t>
+void unpool_relu_kernel(const scalar_t* grad, const bool* positive, const uint8_t* switches, scalar_t* output,
+                        int64_t planes, int64_t pooled_h, int64_t pooled_w, int64_t input_h, int64_t input_w,
+                        const Pool2d& pool) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, planes, grain_for(input_h * input_w * 4), [&](int64_t begin, int64_t end) {
+  constexpr bool in_place = std::is_same_v<acc_t, scalar_t>;
+  const TapOffsets offsets(pool);
+  const int64_t pooled_area = pooled_h * pooled_w;
+  const int64_t input_area = input_h * input_w;
+  at::parallel_for(0, planes, grain_for(pooled_area + 2 * input_area), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(in_place ? 0 : input_area);
     for (int64_t plane = begin; plane < end; ++plane) {
-      const scalar_t* grad_plane = grad + plane * pooled_h * pooled_w;
-      const uint8_t* switch_plane = switches + plane * pooled_h * pooled_w;
-      scalar_t* out = output + plane * input_h * input_w;
-      for (int64_t y = 0; y < input_h; ++y) {
-        for (int64_t x = 0; x < input_w; ++x) {
-          const acc_t sum = geometry::unpooled_sum<scalar_t, acc_t>(
-              grad_plane, switch_plane, pooled_w, 1, pooled_w, 1, pooled_h, pooled_w, pool, y, x);
-          out[y * input_w + x] = static_cast<scalar_t>(geometry::rectify(sum));
+      const scalar_t* grad_plane = grad + plane * pooled_area;
+      const bool* positive_plane = Rule::masked ? positive + plane * pooled_area : nullptr;
+      const uint8_t* switch_plane = switches + plane * pooled_area;
+      scalar_t* out = output + plane * input_area;
+      acc_t* sums = in_place ? reinterpret_cast<acc_t*>(out) : scratch.data();
+      std::fill(sums, sums + input_area, acc_t(0));
+      for (int64_t py = 0; py < pooled_h; ++py) {
+        const int64_t y0 = py * pool.stride_h - pool.padding_h;
+        for (int64_t px = 0; px < pooled_w; ++px) {
+          const int64_t index = py * pooled_w + px;
+          const int64_t tap = switch_plane[index];
+          if (tap >= offsets.taps || !Rule::routes(positive_plane, index)) continue;
+          const int64_t y = y0 + offsets.dy[tap];
+          const int64_t x = px * pool.stride_w - pool.padding_w + offsets.dx[tap];
+          if (y < 0 || y >= input_h || x < 0 || x >= input_w) continue;  // a tap in the padding
+          sums[y * input_w + x] += static_cast<acc_t>(grad_plane[index]);
+        }
+      }
+      if (!in_place || Rule::rectifies) {
+        for (int64_t i = 0; i < input_area; ++i) {
+          out[i] = static_cast<scalar_t>(Rule::finish(sums[i]));
         }
       }
     }
@@ -133,9 +173,10 @@ struct RoutedValue {
   acc_t value;
 };
 
-// Pass 1 for one plane; returns how many values it wrote.
-template <typename scalar_t, typename acc_t>
-int64_t collect_unpooled_values(const scalar_t* grad, const uint8_t* switches, int64_t pooled_h, int64_t pooled_w,
+// Pass 1 for one plane under the rule `Rule` (rules.h); returns how many values it wrote.
+template <typename Rule, typename scalar_t, typename acc_t>
+int64_t collect_unpooled_values(const scalar_t* grad, const bool* positive, const uint8_t* switches,
+                                int64_t pooled_h, int64_t pooled_w,
                                 int64_t unpooled_h, int64_t unpooled_w, const Pool2d& pool,
                                 UnpooledValue<acc_t>* values) {
   const bool overlapping = geometry::windows_overlap(pool.kernel_h, pool.stride_h, pool.dilation_h) ||
@@ -156,10 +197,11 @@ int64_t collect_unpooled_values(const scalar_t* grad, const uint8_t* switches, i
         if (!geometry::first_window_selecting(switches, pooled_w, 1, pooled_h, pooled_w, pool, y, x, py, px)) {
           continue;
         }
-        value = geometry::rectify(geometry::unpooled_sum<scalar_t, acc_t>(grad, switches, pooled_w, 1, pooled_w, 1,
-                                                                          pooled_h, pooled_w, pool, y, x));
+        value = Rule::finish(geometry::unpooled_sum<Rule, scalar_t, acc_t>(grad, positive, switches, pooled_w, 1,
+                                                                           pooled_w, 1, pooled_h, pooled_w, pool, y, x));
       } else {
-        value = geometry::rectify(static_cast<acc_t>(grad[py * pooled_w + px]));
+        if (!Rule::routes(positive, py * pooled_w + px)) continue;
+        value = Rule::finish(static_cast<acc_t>(grad[py * pooled_w + px]));
       }
       // A zero adds nothing to any sum (the accumulators start at +0, so not even a sign is lost).
       if (value == acc_t(0)) continue;
@@ -213,8 +255,8 @@ constexpr int64_t kValuesPerChunk = int64_t(1) << 20;
 
 // `weight_packed`: [groups, channel_blocks, kh, kw, c_out / groups, B] in the accumulate type,
 // zero beyond c_in / groups.
-template <int B, typename scalar_t>
-void unpool_relu_deconv2d_kernel(const scalar_t* grad, const uint8_t* switches,
+template <typename Rule, int B, typename scalar_t>
+void unpool_relu_deconv2d_kernel(const scalar_t* grad, const bool* positive, const uint8_t* switches,
                                  const at::opmath_type<scalar_t>* weight_packed, scalar_t* output, int64_t batch,
                                  int64_t conv_out_channels, int64_t pooled_h, int64_t pooled_w, int64_t unpooled_h,
                                  int64_t unpooled_w, int64_t conv_in_channels, int64_t output_h, int64_t output_w,
@@ -242,9 +284,9 @@ void unpool_relu_deconv2d_kernel(const scalar_t* grad, const uint8_t* switches,
     at::parallel_for(0, samples * conv_out_channels, grain_for(pooled_area * 4), [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t offset = (n0 * conv_out_channels + plane) * pooled_area;
-        counts[plane] = collect_unpooled_values<scalar_t, acc_t>(grad + offset, switches + offset, pooled_h, pooled_w,
-                                                                 unpooled_h, unpooled_w, pool,
-                                                                 values.get() + plane * pooled_area);
+        counts[plane] = collect_unpooled_values<Rule, scalar_t, acc_t>(
+            grad + offset, Rule::masked ? positive + offset : nullptr, switches + offset, pooled_h, pooled_w,
+            unpooled_h, unpooled_w, pool, values.get() + plane * pooled_area);
       }
     });
 
@@ -362,8 +404,10 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_switches_cpu(const at::Tensor& inp
 
 at::Tensor unpool_relu_cpu(const at::Tensor& grad, const at::Tensor& switches, at::IntArrayRef input_size,
                            at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                           at::IntArrayRef dilation) {
-  const Pool2d pool = checks::check_unpool_relu(grad, switches, input_size, kernel_size, stride, padding, dilation);
+                           at::IntArrayRef dilation, c10::string_view rule,
+                           const std::optional<at::Tensor>& positive) {
+  const auto call =
+      checks::check_unpool_relu(grad, switches, input_size, kernel_size, stride, padding, dilation, rule, positive);
   at::Tensor output = at::empty({grad.size(0), grad.size(1), input_size[0], input_size[1]}, grad.options());
   if (output.numel() == 0) {
     return output;
@@ -373,10 +417,14 @@ at::Tensor unpool_relu_cpu(const at::Tensor& grad, const at::Tensor& switches, a
   }
   const at::Tensor grad_nchw = grad.contiguous();
   const at::Tensor switches_nchw = switches.contiguous();
+  const checks::Mask mask(positive);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "unpool_relu", [&] {
-    unpool_relu_kernel<scalar_t>(grad_nchw.const_data_ptr<scalar_t>(), switches_nchw.const_data_ptr<uint8_t>(),
-                                 output.mutable_data_ptr<scalar_t>(), grad.size(0) * grad.size(1), grad.size(2),
-                                 grad.size(3), input_size[0], input_size[1], pool);
+    rules::dispatch_rule(call.rule, mask.present(), [&](auto rule_type) {
+      unpool_relu_kernel<decltype(rule_type), scalar_t>(
+          grad_nchw.const_data_ptr<scalar_t>(), mask.data(), switches_nchw.const_data_ptr<uint8_t>(),
+          output.mutable_data_ptr<scalar_t>(), grad.size(0) * grad.size(1), grad.size(2), grad.size(3),
+          input_size[0], input_size[1], call.pool);
+    });
   });
   return output;
 }
@@ -401,10 +449,11 @@ at::Tensor unpool_relu_deconv2d_cpu(const at::Tensor& grad, const at::Tensor& sw
                                     at::IntArrayRef input_size, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                     at::IntArrayRef padding, at::IntArrayRef dilation, at::IntArrayRef conv_stride,
                                     at::IntArrayRef conv_padding, at::IntArrayRef conv_dilation, int64_t groups,
-                                    at::IntArrayRef output_size) {
+                                    at::IntArrayRef output_size, c10::string_view rule,
+                                    const std::optional<at::Tensor>& positive) {
   const auto geometry = checks::check_unpool_relu_deconv2d(grad, switches, weight, input_size, kernel_size, stride,
                                                            padding, dilation, conv_stride, conv_padding,
-                                                           conv_dilation, groups, output_size);
+                                                           conv_dilation, groups, output_size, rule, positive);
   const int64_t conv_in_channels = weight.size(1) * groups;
   at::Tensor output = at::empty({grad.size(0), conv_in_channels, output_size[0], output_size[1]}, grad.options());
   if (output.numel() == 0) {
@@ -415,16 +464,19 @@ at::Tensor unpool_relu_deconv2d_cpu(const at::Tensor& grad, const at::Tensor& sw
   }
   const at::Tensor grad_nchw = grad.contiguous();
   const at::Tensor switches_nchw = switches.contiguous();
+  const checks::Mask mask(positive);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "unpool_relu_deconv2d", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_channel_block(weight.size(1), [&](auto block) {
       constexpr int B = decltype(block)::value;
       const at::Tensor weight_packed = pack_weight(weight, groups, B, c10::CppTypeToScalarType<acc_t>::value);
-      unpool_relu_deconv2d_kernel<B, scalar_t>(
-          grad_nchw.const_data_ptr<scalar_t>(), switches_nchw.const_data_ptr<uint8_t>(),
-          weight_packed.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(), grad.size(0), grad.size(1),
-          grad.size(2), grad.size(3), input_size[0], input_size[1], conv_in_channels, output_size[0],
-          output_size[1], groups, geometry.pool, geometry.conv);
+      rules::dispatch_rule(geometry.rule, mask.present(), [&](auto rule_type) {
+        unpool_relu_deconv2d_kernel<decltype(rule_type), B, scalar_t>(
+            grad_nchw.const_data_ptr<scalar_t>(), mask.data(), switches_nchw.const_data_ptr<uint8_t>(),
+            weight_packed.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(), grad.size(0), grad.size(1),
+            grad.size(2), grad.size(3), input_size[0], input_size[1], conv_in_channels, output_size[0],
+            output_size[1], groups, geometry.pool, geometry.conv);
+      });
     });
   });
   return output;

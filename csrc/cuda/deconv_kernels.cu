@@ -28,6 +28,7 @@
 
 #include "common/checks.h"
 #include "common/geometry.h"
+#include "common/rules.h"
 #include "cuda/elements.cuh"
 
 namespace deconvcuda {
@@ -106,19 +107,22 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_switches_cuda(const at::Tensor& in
 // unpool_relu
 // --------------------------------------------------------------------------------------------- //
 
-template <typename scalar_t>
-__global__ void unpool_relu_kernel(int64_t total, const scalar_t* __restrict__ grad,
+template <typename Rule, typename scalar_t>
+__global__ void unpool_relu_kernel(int64_t total, const scalar_t* __restrict__ grad, const bool* __restrict__ positive,
                                    const uint8_t* __restrict__ switches, scalar_t* __restrict__ output,
                                    int64_t height, int64_t width, int64_t pooled_h, int64_t pooled_w, Pool2d pool) {
   for (int64_t index = first_work_item(); index < total; index += work_item_stride()) {
-    cuda_elements::unpool_relu_element(index, grad, switches, output, height, width, pooled_h, pooled_w, pool);
+    cuda_elements::unpool_relu_element<Rule>(index, grad, positive, switches, output, height, width, pooled_h,
+                                             pooled_w, pool);
   }
 }
 
 at::Tensor unpool_relu_cuda(const at::Tensor& grad, const at::Tensor& switches, at::IntArrayRef input_size,
                             at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                            at::IntArrayRef dilation) {
-  const Pool2d pool = checks::check_unpool_relu(grad, switches, input_size, kernel_size, stride, padding, dilation);
+                            at::IntArrayRef dilation, c10::string_view rule,
+                            const std::optional<at::Tensor>& positive) {
+  const auto call =
+      checks::check_unpool_relu(grad, switches, input_size, kernel_size, stride, padding, dilation, rule, positive);
   at::cuda::CUDAGuard device_guard(grad.device());
 
   const int64_t height = input_size[0], width = input_size[1];
@@ -134,13 +138,16 @@ at::Tensor unpool_relu_cuda(const at::Tensor& grad, const at::Tensor& switches, 
 
   const at::Tensor grad_nchw = grad.contiguous();
   const at::Tensor switches_nchw = switches.contiguous();
+  const checks::Mask mask(positive);
   const int64_t total = output.numel();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "unpool_relu_cuda", [&] {
-    unpool_relu_kernel<scalar_t><<<blocks_for(total), kThreadsPerBlock, 0, stream>>>(
-        total, grad_nchw.const_data_ptr<scalar_t>(), switches_nchw.const_data_ptr<uint8_t>(),
-        output.mutable_data_ptr<scalar_t>(), height, width, pooled_h, pooled_w, pool);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    rules::dispatch_rule(call.rule, mask.present(), [&](auto rule_type) {
+      unpool_relu_kernel<decltype(rule_type), scalar_t><<<blocks_for(total), kThreadsPerBlock, 0, stream>>>(
+          total, grad_nchw.const_data_ptr<scalar_t>(), mask.data(), switches_nchw.const_data_ptr<uint8_t>(),
+          output.mutable_data_ptr<scalar_t>(), height, width, pooled_h, pooled_w, call.pool);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return output;
 }
@@ -169,13 +176,14 @@ at::Tensor deconv2d_cuda(const at::Tensor& input, const at::Tensor& weight, at::
 // unpool_relu_deconv2d: the fused sparse gather (its work and cost are laid out in elements.cuh)
 // --------------------------------------------------------------------------------------------- //
 
-template <typename scalar_t>
+template <typename Rule, typename scalar_t>
 __global__ void unpool_relu_deconv2d_kernel(int64_t total, const scalar_t* __restrict__ grad,
-                                            const uint8_t* __restrict__ switches, const scalar_t* __restrict__ weight,
-                                            scalar_t* __restrict__ output, FusedShape shape, Pool2d pool,
-                                            Conv2d conv) {
+                                            const bool* __restrict__ positive, const uint8_t* __restrict__ switches,
+                                            const scalar_t* __restrict__ weight, scalar_t* __restrict__ output,
+                                            FusedShape shape, Pool2d pool, Conv2d conv) {
   for (int64_t index = first_work_item(); index < total; index += work_item_stride()) {
-    cuda_elements::unpool_relu_deconv2d_element(index, grad, switches, weight, output, shape, pool, conv);
+    cuda_elements::unpool_relu_deconv2d_element<Rule>(index, grad, positive, switches, weight, output, shape, pool,
+                                                      conv);
   }
 }
 
@@ -183,10 +191,11 @@ at::Tensor unpool_relu_deconv2d_cuda(const at::Tensor& grad, const at::Tensor& s
                                      at::IntArrayRef input_size, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation, at::IntArrayRef conv_stride,
                                      at::IntArrayRef conv_padding, at::IntArrayRef conv_dilation, int64_t groups,
-                                     at::IntArrayRef output_size) {
+                                     at::IntArrayRef output_size, c10::string_view rule,
+                                     const std::optional<at::Tensor>& positive) {
   const checks::FusedGeometry fused =
       checks::check_unpool_relu_deconv2d(grad, switches, weight, input_size, kernel_size, stride, padding, dilation,
-                                         conv_stride, conv_padding, conv_dilation, groups, output_size);
+                                         conv_stride, conv_padding, conv_dilation, groups, output_size, rule, positive);
   at::cuda::CUDAGuard device_guard(grad.device());
 
   const FusedShape shape = FusedShape::of(weight.size(0), weight.size(1), groups, grad.size(2), grad.size(3),
@@ -205,14 +214,17 @@ at::Tensor unpool_relu_deconv2d_cuda(const at::Tensor& grad, const at::Tensor& s
   const at::Tensor grad_nchw = grad.contiguous();
   const at::Tensor switches_nchw = switches.contiguous();
   const at::Tensor weight_oihw = weight.contiguous();
+  const checks::Mask mask(positive);
   const int64_t total = shape.work_items(batch);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "unpool_relu_deconv2d_cuda", [&] {
-    unpool_relu_deconv2d_kernel<scalar_t><<<blocks_for(total), kThreadsPerBlock, 0, stream>>>(
-        total, grad_nchw.const_data_ptr<scalar_t>(), switches_nchw.const_data_ptr<uint8_t>(),
-        weight_oihw.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), shape, fused.pool,
-        fused.conv);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    rules::dispatch_rule(fused.rule, mask.present(), [&](auto rule_type) {
+      unpool_relu_deconv2d_kernel<decltype(rule_type), scalar_t><<<blocks_for(total), kThreadsPerBlock, 0, stream>>>(
+          total, grad_nchw.const_data_ptr<scalar_t>(), mask.data(), switches_nchw.const_data_ptr<uint8_t>(),
+          weight_oihw.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), shape, fused.pool,
+          fused.conv);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return output;
 }

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "common/geometry.h"
+#include "common/rules.h"
 
 namespace deconvcuda {
 namespace cuda_elements {
@@ -44,20 +45,22 @@ DECONV_HOST_DEVICE void max_pool2d_switches_element(int64_t index, const scalar_
 // unpool_relu
 // --------------------------------------------------------------------------------------------- //
 
-// One position (n, c, y, x) = `index` of the [N, C, height, width] pool input: the ReLU of the sum of
-// the pooled values whose switch selects it. A switch that names no tap, or a tap in the padding,
-// matches no position, so it is never followed outside the tensors.
-template <typename scalar_t>
-DECONV_HOST_DEVICE void unpool_relu_element(int64_t index, const scalar_t* grad, const uint8_t* switches,
-                                            scalar_t* output, int64_t height, int64_t width, int64_t pooled_h,
-                                            int64_t pooled_w, const Pool2d& pool) {
+// One position (n, c, y, x) = `index` of the [N, C, height, width] pool input: the rule's finish
+// (rules.h) of the sum of the pooled values whose switch selects it and that the rule routes. A
+// switch that names no tap, or a tap in the padding, matches no position, so it is never followed
+// outside the tensors. `positive` is read only by the masked rules.
+template <typename Rule, typename scalar_t>
+DECONV_HOST_DEVICE void unpool_relu_element(int64_t index, const scalar_t* grad, const bool* positive,
+                                            const uint8_t* switches, scalar_t* output, int64_t height, int64_t width,
+                                            int64_t pooled_h, int64_t pooled_w, const Pool2d& pool) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t x = index % width;
   const int64_t y = (index / width) % height;
   const int64_t plane_offset = (index / (width * height)) * pooled_h * pooled_w;
-  const acc_t sum = geometry::unpooled_sum<scalar_t, acc_t>(grad + plane_offset, switches + plane_offset, pooled_w,
-                                                            1, pooled_w, 1, pooled_h, pooled_w, pool, y, x);
-  output[index] = static_cast<scalar_t>(geometry::rectify(sum));
+  const acc_t sum = geometry::unpooled_sum<Rule, scalar_t, acc_t>(
+      grad + plane_offset, Rule::masked ? positive + plane_offset : nullptr, switches + plane_offset, pooled_w, 1,
+      pooled_w, 1, pooled_h, pooled_w, pool, y, x);
+  output[index] = static_cast<scalar_t>(Rule::finish(sum));
 }
 
 // --------------------------------------------------------------------------------------------- //
@@ -114,9 +117,10 @@ struct FusedShape {
 };
 
 // The work item `index` of [N, groups, channel_tiles, out_h, out_w]: output pixel (y, x) of up to
-// kChannelsPerThread consecutive input channels of one group.
-template <typename scalar_t>
-DECONV_HOST_DEVICE void unpool_relu_deconv2d_element(int64_t index, const scalar_t* grad, const uint8_t* switches,
+// kChannelsPerThread consecutive input channels of one group, under the rule `Rule` (rules.h).
+template <typename Rule, typename scalar_t>
+DECONV_HOST_DEVICE void unpool_relu_deconv2d_element(int64_t index, const scalar_t* grad, const bool* positive,
+                                                     const uint8_t* switches,
                                                      const scalar_t* weight, scalar_t* output,
                                                      const FusedShape& shape, const Pool2d& pool,
                                                      const Conv2d& conv) {
@@ -160,6 +164,7 @@ DECONV_HOST_DEVICE void unpool_relu_deconv2d_element(int64_t index, const scalar
       const int64_t plane_offset = (n * shape.out_channels + co) * plane_size;
       const scalar_t* grad_plane = grad + plane_offset;
       const uint8_t* switch_plane = switches + plane_offset;
+      const bool* positive_plane = Rule::masked ? positive + plane_offset : nullptr;
       // weight[co, first_channel + t, :, :] starts at filters + t * taps_per_filter.
       const scalar_t* filters = weight + (co * shape.in_channels_per_group + first_channel) * taps_per_filter;
 
@@ -185,11 +190,12 @@ DECONV_HOST_DEVICE void unpool_relu_deconv2d_element(int64_t index, const scalar
                                                   pool, sy, sx, py, px)) {
               continue;
             }
-            value = geometry::rectify(geometry::unpooled_sum<scalar_t, acc_t>(
-                grad_plane, switch_plane, shape.pooled_w, 1, shape.pooled_w, 1, shape.pooled_h, shape.pooled_w, pool,
-                sy, sx));
+            value = Rule::finish(geometry::unpooled_sum<Rule, scalar_t, acc_t>(
+                grad_plane, positive_plane, switch_plane, shape.pooled_w, 1, shape.pooled_w, 1, shape.pooled_h,
+                shape.pooled_w, pool, sy, sx));
           } else {
-            value = geometry::rectify(static_cast<acc_t>(grad_plane[py * shape.pooled_w + px]));
+            if (!Rule::routes(positive_plane, py * shape.pooled_w + px)) continue;
+            value = Rule::finish(static_cast<acc_t>(grad_plane[py * shape.pooled_w + px]));
           }
           const scalar_t* tap = filters + cy * conv.kernel_w + cx;
           for (int t = 0; t < kChannelsPerThread; ++t) {
