@@ -16,7 +16,8 @@ the traced graph's functional ops in eval semantics (BatchNorm's running statist
 
 Scale-out, all with the same exact result:
 - ``shard=(i, n)``: scan only the i-th of n contiguous parts of a tensor or map-style Dataset
-  (SLURM array jobs), ``save_scan`` each, ``merge_scans`` the files: global image indices.
+  (SLURM array jobs), ``save_scan`` each, ``merge_scans`` the files: global image indices. Parts
+  are whole batches where there are enough (see ``part``), so the forward rounds as in one scan.
 - torch.distributed: with a process group initialized (torchrun), each rank scans its contiguous
   part of a tensor or map-style Dataset on its own device; the per-rank top-k are all-gathered and
   re-ranked with the same tie rule, and every rank returns what one process would.
@@ -330,9 +331,19 @@ def process_group() -> Tuple[int, int]:
     return 0, 1
 
 
-def part(count: int, index: int, parts: int) -> Tuple[int, int]:
-    """The ``index``-th of ``parts`` contiguous, nearly equal parts of ``range(count)``: (start, stop)."""
-    return count * index // parts, count * (index + 1) // parts
+def part(start: int, stop: int, index: int, parts: int, batch_size: int) -> Tuple[int, int]:
+    """The ``index``-th of ``parts`` contiguous, nearly equal parts of ``range(start, stop)``.
+
+    Made of whole batches of ``batch_size`` counted from ``start`` where there are at least
+    ``parts`` batches: then every batch holds the images it would hold in one process's scan, so
+    the forward rounds alike and the merged result equals one process's bit for bit. With fewer
+    batches than parts, nearly equal runs of images instead (no part is left without work)."""
+    count = stop - start
+    whole_batches = -(-count // batch_size)
+    if whole_batches >= parts:
+        first, last = whole_batches * index // parts, whole_batches * (index + 1) // parts
+        return start + first * batch_size, min(stop, start + last * batch_size)
+    return start + count * index // parts, start + count * (index + 1) // parts
 
 
 def _all_gather(payload) -> list:
@@ -515,9 +526,8 @@ def top_activations(model: nn.Module, data, layer=None, k: int = 9, *, layers=No
         rank, world = 0, 1
     start, stop = 0, source.count
     if source.count is not None and source.kind != "stream":
-        shard_start, shard_stop = part(source.count, shard_index, shard_count)
-        rank_start, rank_stop = part(shard_stop - shard_start, rank, world)
-        start, stop = shard_start + rank_start, shard_start + rank_stop
+        shard_start, shard_stop = part(0, source.count, shard_index, shard_count, batch_size)
+        start, stop = part(shard_start, shard_stop, rank, world, batch_size)
 
     outcome = None
     try:
