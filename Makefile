@@ -14,7 +14,7 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/common/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: all build test demo bench clean distclean
+.PHONY: all build test demo evolution-demo bench clean distclean
 
 all: build
 
@@ -37,6 +37,10 @@ test: $(EXT)
 
 demo: $(EXT)
 	$(PY) -m deconvcuda visualize --out out
+
+# Fig. 4 end to end: a small CNN trained a few epochs on the bundled photos, the evolution of its features
+evolution-demo: $(EXT)
+	PYTHONPATH=. $(PY) examples/evolution_demo.py --out out/evolution_demo
 
 bench: $(EXT)
 	$(PY) -m pytest bench -o python_files='bench_*.py' --benchmark-only --benchmark-columns=median,iqr,rounds -q

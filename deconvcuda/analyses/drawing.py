@@ -114,7 +114,7 @@ def occlusion_figure(path: PathLike, image: torch.Tensor, values: torch.Tensor, 
         name = (class_names[true_class] if class_names is not None and true_class is not None
                 else f"class {true_class}")
         _heat_map(axes[panel], figure, probabilities.detach().to("cpu", torch.float32).numpy(), (height, width),
-                  window, stride, f"(d) p({name})", "magma", "probability", limits=(0.0, 1.0))
+                  window, stride, f"(d) p({name})", "magma", "probability")
         panel += 1
     if classes is not None:
         classes = classes.detach().cpu()

@@ -46,8 +46,12 @@ def _check_amounts(amounts, transform: str, caller: str):
 
 def transform_images(images: torch.Tensor, transform: str, amount: float) -> torch.Tensor:
     """``images`` [N, C, H, W] under one transform (bilinear, fill 0), as :func:`invariance` applies it."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
+    try:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as F
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("invariance: the transforms are torchvision's (transforms.v2.functional.affine); "
+                                  "install it with `pip install torchvision`") from None
 
     _check_transform(transform, "transform_images")
     angle, translate, scale = 0.0, [0.0, 0.0], 1.0
