@@ -160,10 +160,11 @@ def _missing(channels: int, k: int, dtype: torch.dtype, device) -> Tuple[torch.T
     return values, index, index.clone(), index.clone()
 
 
-def _image_maxima(output: torch.Tensor):
+def _image_maxima(output: torch.Tensor, sync_free: Optional[bool] = None):
     """Per channel and image: the strongest activation and where it is, each [C, B], and a bool
     [C, B] that is True where the map is NaN everywhere (nothing to rank). NaN counts as -inf, so
-    it is never ranked; a map's first maximum in row-major order wins."""
+    it is never ranked; a map's first maximum in row-major order wins. ``sync_free``: never ask the
+    device anything (default: everywhere but on the CPU)."""
     if output.dim() == 2:  # flat [B, F]: the unit itself, at (0, 0)
         values = output.t()
         nan = torch.isnan(values)
@@ -177,7 +178,9 @@ def _image_maxima(output: torch.Tensor):
     # The maps holding a NaN need a second look with NaN as -inf. On the CPU only those maps get it
     # (asking whether there are any costs nothing there); on a GPU that question would wait for the
     # device, so every map gets it, branch-free, at the price of one more read of the output.
-    if output.device.type == "cpu":
+    if sync_free is None:
+        sync_free = output.device.type != "cpu"
+    if not sync_free:
         if bool(nan_seen.any()):
             rows = nan_seen.nonzero(as_tuple=True)
             picked = maps[rows]  # [n, h*w]

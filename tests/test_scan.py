@@ -441,3 +441,29 @@ def test_a_file_that_is_not_a_checkpoint(model, tmp_path):
     with pytest.raises(ValueError, match=r"^top_activations: checkpoint_every must be a number of seconds"):
         deconvcuda.top_activations(model, images(2, seed=0), "fc", checkpoint=path, checkpoint_every=-1,
                                    progress=False)
+
+
+# --------------------------------------------------------------------------------------------- #
+# The per-image maxima: the CPU's path and the GPU's branch-free path agree
+# --------------------------------------------------------------------------------------------- #
+
+def test_maxima_with_and_without_asking_the_device():
+    """The GPU path (no host sync: every map gets the NaN-free second look) run on the CPU gives
+    exactly what the CPU path does, on maps with NaN beside a maximum, NaN everywhere, ties, +-inf."""
+    nan, inf = float("nan"), float("inf")
+    maps = torch.randn(4, 3, 3, 5, generator=torch.Generator().manual_seed(15))
+    maps[0, 0] = nan                      # NaN everywhere: unranked
+    maps[1, 1, 0, 0] = nan                # NaN before the maximum
+    maps[1, 1, 2, 3] = 9.0
+    maps[2, 2] = 1.0                      # ties: the first position wins
+    maps[3, 0, 1, 1], maps[3, 1, 2, 2] = inf, -inf
+    for output in (maps, maps.flatten(1)):  # spatial, and flat [B, F]
+        with_sync = scan._image_maxima(output.clone(), sync_free=False)
+        without = scan._image_maxima(output.clone(), sync_free=True)
+        for a, b in zip(with_sync, without):
+            assert torch.equal(a, b)
+    values, ys, xs, unranked = scan._image_maxima(maps, sync_free=True)
+    assert bool(unranked[0, 0]) and int(unranked.sum()) == 1
+    assert (float(values[1, 1]), int(ys[1, 1]), int(xs[1, 1])) == (9.0, 2, 3)
+    assert (int(ys[2, 2]), int(xs[2, 2])) == (0, 0)
+    assert float(values[0, 3]) == inf
