@@ -89,7 +89,10 @@ def _parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParse
                     "to pixel space, beside the image patches they came from; PNG files and an index.html.")
     visualize.add_argument("--model", default="vgg16_hed", choices=MODEL_NAMES, metavar="NAME",
                            help="vgg16_hed (pretrained, embedded; the default), zfnet, alexnet, vgg11..vgg19, "
-                                "vgg11_bn..vgg19_bn (random weights unless --weights)")
+                                "vgg11_bn..vgg19_bn, resnet18..resnet152, resnext50_32x4d, resnext101_32x8d, "
+                                "wide_resnet50_2, wide_resnet101_2, densenet121..densenet201, googlenet, "
+                                "inception_v3, squeezenet1_0, squeezenet1_1, mobilenet_v2 (random weights unless "
+                                "--weights)")
     visualize.add_argument("--weights", metavar="FILE",
                            help="a torchvision-style state_dict file (torch.save(model.state_dict(), FILE))")
     visualize.add_argument("--images", metavar="DIR",
@@ -121,9 +124,36 @@ def _parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParse
     visualize.add_argument("--backend", choices=("auto", "reference"), default="auto",
                            help="native kernels (auto, default) or the pure-PyTorch reference")
     visualize.add_argument("--no-progress", action="store_true", help="no progress bars")
+    listing = commands.add_parser(
+        "layers", help="list the layers of a model that can be named, with kind and output shape",
+        description="Every name of model.named_modules() that project, top_activations and visualize can take "
+                    "(called once by the forward, reached through supported layers), in forward order.")
+    listing.add_argument("--model", default="vgg16_hed", choices=MODEL_NAMES, metavar="NAME",
+                         help=f"one of: {', '.join(MODEL_NAMES)} (default vgg16_hed)")
+    listing.add_argument("--weights", metavar="FILE", help="a state_dict file (only its fit is checked)")
+    listing.add_argument("--image-size", type=_positive, default=DEFAULT_IMAGE_SIZE, metavar="PIXELS",
+                         help=f"the square input size the shapes are given for (default {DEFAULT_IMAGE_SIZE})")
     from .analyses.commands import add_parsers  # occlusion, invariance, evolution (the paper's Sec. 4)
 
-    return parser, {"visualize": visualize, **add_parsers(commands)}
+    return parser, {"visualize": visualize, "layers": listing, **add_parsers(commands)}
+
+
+def layers_command(args) -> int:
+    """Print the nameable layers of ``--model``: name, kind, output shape, and which are defaults."""
+    from . import models
+    from .graph import layers
+
+    model = models.build(args.model, weights=args.weights)
+    defaults = set(models.default_layers(model))
+    listed = layers(model, (3, args.image_size, args.image_size))
+    width = max(len(entry.name) for entry in listed)
+    kind_width = max(len(entry.kind) for entry in listed)
+    print(f"{'layer'.ljust(width)}  {'kind'.ljust(kind_width)}  output per image ({args.image_size}x{args.image_size} "
+          f"input)   * = a default layer of visualize")
+    for entry in listed:
+        mark = "  *" if entry.name in defaults else ""
+        print(f"{entry.name.ljust(width)}  {entry.kind.ljust(kind_width)}  {' x '.join(map(str, entry.shape))}{mark}")
+    return 0
 
 
 def _device(name: Optional[str]) -> torch.device:
@@ -277,6 +307,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        if args.command == "layers":
+            return layers_command(args)
         if args.command != "visualize":
             from .analyses.commands import run
 

