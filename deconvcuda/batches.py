@@ -187,12 +187,13 @@ class DataSource:
 
 
 def default_workers(dataset) -> int:
-    """Worker processes for reading ``dataset``: none for tensors already in memory (a
-    TensorDataset), else up to 8, the CPUs this process may use divided among the processes of a
-    torchrun on this node, none where that leaves fewer than 2."""
-    from torch.utils.data import TensorDataset
-
-    if isinstance(dataset, TensorDataset):
+    """Worker processes for reading ``dataset`` where that helps: a Dataset that reads files from a
+    ``root`` folder (``deconvcuda.data.ImageFolder``, torchvision's datasets) gets up to 8, the CPUs
+    this process may use divided among the processes of a torchrun on this node (none where that
+    leaves fewer than 2); any other Dataset is read in this process (items already in memory gain
+    nothing from workers, and the Dataset object the caller holds sees every read). Pass
+    ``num_workers`` to choose."""
+    if getattr(dataset, "root", None) is None:
         return 0
     try:
         cpus = len(os.sched_getaffinity(0))

@@ -490,7 +490,8 @@ def top_activations(model: nn.Module, data, layer=None, k: int = 9, *, layers=No
     batch_size: images per forward pass where ``data`` is a tensor, a Dataset or yields single images.
     device: where the forward runs (default: the model's device); batches are moved there.
     progress: a tqdm bar on stderr (images, images per second, time left; rank 0 only).
-    num_workers: processes reading a Dataset (default: several, none for a TensorDataset).
+    num_workers: processes reading a Dataset (default: several for one that reads files from a
+    ``root`` folder, such as ``deconvcuda.data.ImageFolder``; none for others).
     shard: ``(i, n)``: scan only the i-th of n contiguous parts of a tensor or Dataset, with global
     image indices (``merge_scans`` joins the parts).
     checkpoint: a file for the scan's state, written every ``checkpoint_every`` seconds and when the

@@ -8,6 +8,7 @@ splits cannot round differently; the brute-force oracle is conftest's ``brute_fo
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,10 @@ def test_image_folder_reads_lazily_in_order(tmp_path):
     torch.testing.assert_close(with_model_input[1], vgg.to_model(image[None])[0])
     flat = data.ImageFolder(tmp_path / "images", size=16, recursive=False)
     assert flat.names == ["01.png", "02.png", "04.png"]
+    # worker processes read a folder (where there are CPUs for them), not a Dataset in memory
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert batches.default_workers(folder) == (min(8, cpus) if cpus >= 2 else 0)
+    assert batches.default_workers(PairDataset(torch.zeros(2, 3, 4, 4))) == 0
 
 
 def test_image_folder_errors(tmp_path):
@@ -211,7 +216,7 @@ def test_image_folder_errors(tmp_path):
         folder[2]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, None], ids=["in-process", "default-workers"])
 def test_scan_of_an_image_folder_skips_unreadable_files_with_a_warning(model, tmp_path, workers):
     root = write_folder(tmp_path / "images", 8, broken=("02.png", "sub/06.jpg"))
     folder = data.ImageFolder(root, size=12)
