@@ -524,8 +524,9 @@ def top_activations(model: nn.Module, data, layer=None, k: int = 9, *, layers=No
         raise ValueError(f"{caller}: shard= needs data that can be read in parts, a tensor or a map-style Dataset; "
                          f"got {type(data).__name__} (pass the DataLoader's dataset instead)")
     device = model_device(model) if device is None else torch.device(device)
-    rank, world = process_group()
-    show_progress = progress and rank == 0
+    process_rank, process_world = process_group()
+    show_progress = progress and process_rank == 0
+    rank, world = process_rank, process_world  # who shares the data: none where it is a stream
     if source.kind == "stream":  # read in order from the start: every rank scans it all
         rank, world = 0, 1
     start, stop = 0, source.count
@@ -537,7 +538,7 @@ def top_activations(model: nn.Module, data, layer=None, k: int = 9, *, layers=No
     try:
         outcome = _scan(graph, names, k, source, start, stop, batch_size, device, num_workers,
                         show_progress, checkpoint, checkpoint_every, model, shard,
-                        rank, world, tqdm, caller)
+                        process_rank, process_world, tqdm, caller)
     except Exception as error:
         if world == 1:
             raise
@@ -549,10 +550,10 @@ def top_activations(model: nn.Module, data, layer=None, k: int = 9, *, layers=No
         # instead of leaving the other ranks waiting forever.
         gathered = _all_gather({"failure": None if failure is None else failure[:2],
                                 "outcome": None if outcome is None else outcome.portable()})
+        if failure is not None:
+            raise failure[2]
         for other_rank, report in enumerate(gathered):
             if report["failure"] is not None:
-                if other_rank == rank and failure is not None:
-                    raise failure[2]
                 kind, message = report["failure"]
                 raise _REPORTED_ERRORS.get(kind, RuntimeError)(f"{caller}: rank {other_rank} of {world} failed: "
                                                                f"{message}")
@@ -603,7 +604,8 @@ class _Outcome:
 def _scan(graph, names: List[str], k: int, source: batches.DataSource, start: int, stop: Optional[int],
           batch_size: int, device: torch.device, num_workers, progress: bool, checkpoint, checkpoint_every,
           model, shard, rank: int, world: int, tqdm, caller: str) -> _Outcome:
-    """This process's part ``[start, stop)`` of the data, one forward per batch for all layers."""
+    """This process's part ``[start, stop)`` of the data, one forward per batch for all layers.
+    ``rank`` and ``world`` name this process's checkpoint file (each process writes its own)."""
     running = {name: _Running(name, k) for name in names}
     position, scanned, input_info = start, 0, None
     saver = None
