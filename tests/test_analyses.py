@@ -377,3 +377,84 @@ def test_figures_are_drawn(tmp_path):
                                             probabilities=torch.rand(2, 3), image_names=["a", "b"]))
     _assert_drawn(drawing.evolution_figure(tmp_path / "evolution.png", torch.rand(3, 2, 3, 12, 12),
                                            ["epoch 1", "epoch 2", "epoch 3"], ["map 0", "map 4"]), min_width=150)
+
+
+# --------------------------------------------------------------------------------------------- #
+# The command line
+# --------------------------------------------------------------------------------------------- #
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    from PIL import Image
+
+    directory = tmp_path / "images"
+    directory.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(directory / name)
+    return directory
+
+
+def run_command(capsys, *argv):
+    from deconvcuda import cli
+
+    code = cli.main([*map(str, argv), "--no-progress", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def test_cli_occlusion_and_invariance_share_the_gallery(photo_folder, tmp_path, capsys):
+    out_dir = tmp_path / "gallery"
+    common = ("--model", "zfnet", "--images", photo_folder, "--image-size", "64", "--out", out_dir)
+    code, out, err = run_command(capsys, "occlusion", *common, "--layer", "features.1", "--window", "32",
+                                 "--stride", "16")
+    assert code == 0, err
+    assert f"wrote 2 occlusion figure(s) to {out_dir / 'occlusion'}" in out
+    figures = sorted((out_dir / "occlusion").iterdir())
+    assert [p.name for p in figures] == ["00_a.png", "01_b.png"]
+    _assert_drawn(figures[0], min_width=1000)  # five panels: zfnet is a classifier
+    code, out, err = run_command(capsys, "invariance", *common, "--transforms", "rotate", "--amounts", "0,45,90")
+    assert code == 0, err
+    assert sorted(p.name for p in (out_dir / "invariance").iterdir()) == ["rotate.png"]
+    code, out, err = run_command(capsys, "occlusion", *common, "--layer", "features.1", "--window", "64",
+                                 "--max-images", "1")  # again: its section and figures are replaced
+    assert code == 0, err
+    assert [p.name for p in (out_dir / "occlusion").iterdir()] == ["00_a.png"]
+    index = (out_dir / "index.html").read_text(encoding="utf-8")
+    assert index.count('id="analysis-occlusion"') == 1 and index.count('id="analysis-invariance"') == 1
+    for link in ("occlusion/00_a.png", "invariance/rotate.png"):
+        assert f'src="{link}"' in index
+    assert "occlusion/01_b.png" not in index
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["occlusion", "--layer", "features.99"], "--layers: unknown layer(s) features.99"),
+    (["occlusion", "--channel", "500", "--layer", "features.1"], "--channel: layer features.1 has 96 channels"),
+    (["occlusion", "--window", "65"], "--window: the square (65) is larger than the images (64)"),
+    (["invariance", "--transforms", "rotate,scale", "--amounts", "1,2"], "--amounts: name one transform"),
+    (["evolution", "--checkpoints", "missing.pt"], "--checkpoints: no such file: missing.pt"),
+])
+def test_cli_usage_errors_exit_2(photo_folder, tmp_path, capsys, argv, message):
+    code, out, err = run_command(capsys, *argv, "--model", "zfnet", "--images", photo_folder, "--image-size", "64",
+                                 "--out", tmp_path / "out")
+    assert code == 2 and message in err, err
+
+
+def test_cli_evolution_end_to_end_and_a_foreign_checkpoint(photo_folder, tmp_path, capsys):
+    """A checkpoint of the model itself draws the figure; one of another model is a usage error that names keys."""
+    from deconvcuda import models
+
+    torch.manual_seed(0)
+    model = models.build("zfnet")
+    mine, foreign = tmp_path / "mine.pt", tmp_path / "foreign.pt"
+    torch.save(model.state_dict(), mine)
+    torch.save(nn.Conv2d(3, 4, 3).state_dict(), foreign)
+    common = ("evolution", "--model", "zfnet", "--images", photo_folder, "--image-size", "64", "--layer",
+              "features.1", "--channels", "0-2", "--out", tmp_path / "out")
+    code, out, err = run_command(capsys, *common, "--checkpoints", mine, foreign)
+    assert code == 2 and "does not fit the model" in err and "unexpected keys: weight, bias" in err, err
+    code, out, err = run_command(capsys, *common, "--checkpoints", mine, mine)
+    assert code == 0, err
+    _assert_drawn(tmp_path / "out" / "evolution" / "features.1.png", min_width=150)
+    assert 'src="evolution/features.1.png"' in (tmp_path / "out" / "index.html").read_text(encoding="utf-8")

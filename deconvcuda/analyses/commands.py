@@ -288,7 +288,7 @@ def occlusion_command(args) -> int:
     gallery.clear_previous(args.out, "occlusion")
     files, parts = [], []
     for n, name in enumerate(images.names):
-        path = folder / f"{n:02d}_{_slug(name)}.png"
+        path = folder / f"{n:02d}_{_slug(os.path.splitext(name)[0])}.png"
         extra = {}
         if classifier:
             extra = dict(probabilities=probabilities[n], classes=classes[n], true_class=int(labels[n]),
@@ -350,9 +350,8 @@ def invariance_command(args) -> int:
 
 
 def evolution_command(args) -> int:
-    from .. import figures
     from ..cli import PROG, UsageError, _device
-    from . import drawing, gallery
+    from . import gallery
     from .evolution import evolution
 
     device = _device(args.device)
