@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -142,7 +142,6 @@ class DataSource:
     kind: str
     count: Optional[int]
     caller: str
-    skipped: List[str] = field(default_factory=list)  # the warnings about unreadable items, in order
 
     def batches(self, start: int, stop: Optional[int], batch_size: int, *, num_workers: Optional[int] = None,
                 pin_memory: bool = False) -> Iterator[Batch]:
@@ -179,7 +178,6 @@ class DataSource:
                             prefetch_factor=2 if num_workers > 0 else None)
         for index, images, end, skipped, error in loader:
             for message in skipped:
-                self.skipped.append(message)
                 warnings.warn(f"{self.caller}: {message}", stacklevel=4)
             if error is not None:
                 raise _error_type(error)(f"{self.caller}: {error[1]}")

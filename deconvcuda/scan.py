@@ -27,7 +27,6 @@ Scale-out, all with the same exact result:
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import time
 from dataclasses import dataclass

@@ -27,7 +27,7 @@ from torch import nn
 
 import deconvcuda
 from conftest import PairDataset, small_cnn
-from deconvcuda import cli, scan
+from deconvcuda import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
