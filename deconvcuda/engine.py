@@ -21,7 +21,6 @@ kernel call (native backend). Both ways and both backends give the same numbers:
 """
 from __future__ import annotations
 
-import inspect
 import numbers
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -79,8 +78,6 @@ class _Kernels:
         self.unpool_relu_deconv2d = ops.unpool_relu_deconv2d
         # the reference stays deliberately simple: full maps, one op per layer
         self.crop = self.fuse = backend != "reference"
-        # whether the fused ops take the rule (guided, gradient) themselves
-        self.fuse_every_rule = "rule" in inspect.signature(ops.unpool_relu).parameters
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -115,8 +112,6 @@ def _fusable_chain(pool: Node, graph: Graph, kernels: _Kernels, rule: str) -> Li
     """The ReLU (and conv) below a max pool that one fused kernel call can reverse with it: each
     feeds only the next, so nothing else needs their gradients."""
     if not (kernels.fuse and isinstance(pool.kind, kinds.MaxPool)):
-        return []
-    if rule != "deconvnet" and not kernels.fuse_every_rule:
         return []
     relu = pool.inputs[0]
     if type(relu.kind) is not kinds.ReLU or relu.consumers != [pool] or relu in graph.targets.values():

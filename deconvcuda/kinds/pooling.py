@@ -93,7 +93,9 @@ class MaxPool(Kind):
         which lie inside the map, so windows need no zeroing."""
         switches, _ = at.saved
         size, padding, _ = self._unpooled(at)
-        return [_unpool_sum(g, at.map_of(switches), size, self.kernel_size, self.stride, padding, self.dilation)]
+        # rule "gradient" without a mask: each pooled value to its switch, no rectification
+        return [at.kernels.unpool_relu(g, at.map_of(switches), size, self.kernel_size, self.stride, padding,
+                                       self.dilation, rule="gradient")]
 
     def reverse_with_relu(self, g, at: At) -> List[torch.Tensor]:
         """The reverse of ReLU -> this pool in one ``unpool_relu`` call, under any rule."""
@@ -120,28 +122,8 @@ class MaxPool(Kind):
 
 
 def _rule_arguments(at: At, positive) -> dict:
-    """The fused ops' rule arguments: none for the paper's rule, else the rule and the pooled > 0 mask."""
-    if at.rule == "deconvnet":
-        return {}
-    return {"rule": at.rule, "positive": at.map_of(positive)}
-
-
-def _unpool_sum(grad, switches, input_size, kernel, stride, padding, dilation):
-    """Each pooled value goes to its window's switch and overlapping windows add up. One strided add
-    per kernel tap, so no scatter and no atomics."""
-    n, c, pooled_h, pooled_w = grad.shape
-    span = [(grad.shape[2 + i] - 1) * stride[i] + dilation[i] * (kernel[i] - 1) + 1 for i in range(2)]
-    wide = torch.promote_types(grad.dtype, torch.float32)
-    buffer = grad.new_zeros(n, c, max(span[0], padding[0] + input_size[0]), max(span[1], padding[1] + input_size[1]),
-                            dtype=wide)
-    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
-    for ky in range(kernel[0]):
-        for kx in range(kernel[1]):
-            chosen = torch.where(switches == ky * kernel[1] + kx, grad, zero)
-            y0, x0 = ky * dilation[0], kx * dilation[1]
-            buffer[:, :, y0:y0 + (pooled_h - 1) * stride[0] + 1:stride[0],
-                   x0:x0 + (pooled_w - 1) * stride[1] + 1:stride[1]] += chosen
-    return buffer[:, :, padding[0]:padding[0] + input_size[0], padding[1]:padding[1] + input_size[1]].to(grad.dtype)
+    """The fused ops' rule arguments: the rule, and for the masked rules whether each pooled value was > 0."""
+    return {"rule": at.rule, "positive": None if positive is None else at.map_of(positive)}
 
 
 def _avg_pool_divisors(pooled: int, size: int, kernel: int, stride: int, padding: int,
