@@ -107,7 +107,7 @@ def occlusion_figure(path: PathLike, image: torch.Tensor, values: torch.Tensor, 
     panel = 2
     if projection is not None:
         axes[panel].imshow(_hwc(projection), interpolation="nearest")
-        axes[panel].set_title(f"(c) strongest activation of {what}, projected", fontsize=9)
+        axes[panel].set_title("(c) its strongest activation, projected", fontsize=9)
         axes[panel].set_axis_off()
         panel += 1
     if probabilities is not None:
