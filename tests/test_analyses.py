@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deconvcuda
-from conftest import forward_to_layer, randomize_batch_norms, small_cnn
+from conftest import DEVICES, forward_to_layer, randomize_batch_norms, small_cnn
 from deconvcuda.analyses import drawing
 from deconvcuda.analyses.occlusion import occlusion_by_recompute
 
@@ -111,7 +111,7 @@ def brute_force_occlusion(model, images, layer, channel, window, stride, fill, r
     (wh, ww), (sh, sw) = window, stride
     n, c, height, width = images.shape
     rows, cols = (height - wh) // sh + 1, (width - ww) // sw + 1
-    fill = torch.as_tensor(fill, dtype=images.dtype).reshape(-1, 1, 1).expand(c, wh, ww)
+    fill = torch.as_tensor(fill, dtype=images.dtype).to(images.device).reshape(-1, 1, 1).expand(c, wh, ww)
     with torch.no_grad():
         plain = forward_to_layer(model, images, layer)
         if channel is None:
@@ -120,8 +120,8 @@ def brute_force_occlusion(model, images, layer, channel, window, stride, fill, r
             else:
                 per_channel = plain.flatten(2).sum(2) if reduce == "sum" else plain.flatten(2).amax(2)
                 channel = per_channel.argmax(dim=1)
-        channel = torch.as_tensor(channel).expand(n)
-        values = torch.empty(n, rows, cols, dtype=images.dtype)
+        channel = torch.as_tensor(channel).to(images.device).expand(n)
+        values = torch.empty(n, rows, cols, dtype=images.dtype, device=images.device)
         for image in range(n):
             for i in range(rows):
                 for j in range(cols):
@@ -153,16 +153,17 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,layer,size,window,stride,options", CASES,
                          ids=[f"{c[0]}-{c[1] or 'output'}-{i}" for i, c in enumerate(CASES)])
-def test_occlusion_equals_brute_force(name, layer, size, window, stride, options):
-    model = build(name)
+def test_occlusion_equals_brute_force(name, layer, size, window, stride, options, device):
+    model = build(name).to(device)
     before = copy.deepcopy(model.state_dict())
     generator = torch.Generator().manual_seed(11)
-    images = torch.randn(2, 3, *size, generator=generator, dtype=torch.float64)
+    images = torch.randn(2, 3, *size, generator=generator, dtype=torch.float64).to(device)
     options = dict(options)
     if options.get("fill") == "per-channel":
-        options["fill"] = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+        options["fill"] = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64, device=device)
     channel = options.pop("channel", None)
     if channel == "per-image":
         n_channels = forward_to_layer(model, images, layer).shape[1]
@@ -172,7 +173,7 @@ def test_occlusion_equals_brute_force(name, layer, size, window, stride, options
     for batch_size in (5, 1000):  # batches that split an image's positions, and one for everything
         actual = deconvcuda.occlusion(model, images, layer, channel, window=window, stride=stride,
                                       batch_size=batch_size, **options)
-        assert actual.shape == expected.shape and actual.dtype == images.dtype
+        assert actual.shape == expected.shape and actual.dtype == images.dtype and actual.device == images.device
         torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(occlusion_by_recompute(model, images, layer, channel, window=window, stride=stride,
                                                       **options), expected, rtol=1e-9, atol=1e-9)

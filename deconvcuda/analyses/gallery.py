@@ -63,12 +63,14 @@ def _new_page(title: str, rows: Sequence[Tuple[str, str]]) -> str:
         ("date", datetime.datetime.now().astimezone().isoformat(timespec="seconds")),
         ("versions", f"deconvcuda {__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
                      f"{platform.system()} {platform.machine()}")]
-    return template.safe_substitute(
+    page = template.safe_substitute(
         title=html.escape(title),
         header="\n".join(f"  <dt>{html.escape(name)}</dt><dd>{html.escape(value)}</dd>" for name, value in rows),
         how="The analyses of the paper's Section 4 (occlusion, invariance, feature evolution); run "
             "<code>deconvcuda visualize</code> for the top-k projections of whole layers.",
         nav="(none yet)", extra_nav="", sections="")
+    # what the template asks for and only visualize knows (its layers' details) stays empty here
+    return re.sub(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?", "", page)
 
 
 def _replace_or_insert(page: str, start: str, end: str, block: str, before: str) -> str:
