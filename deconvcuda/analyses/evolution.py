@@ -94,6 +94,7 @@ def evolution(model: nn.Module, checkpoints: Sequence[Union[Mapping, str, os.Pat
     from tqdm.auto import tqdm
 
     from .. import batches, project, top_activations
+    from ..scan import model_device
     from .outputs import layer_list
 
     caller = "evolution"
@@ -132,9 +133,9 @@ def evolution(model: nn.Module, checkpoints: Sequence[Union[Mapping, str, os.Pat
         if not found:
             raise ValueError(f"{caller}: none of the channels has an activation in the data ({layer!r})")
         wanted = sorted({int(image_index[i]) for i in found})
-        images = batches.gather_images(data, wanted, batch_size)
-        if device is not None:
-            images = images.to(device)
+        # projected where the scan ran: ``device``, else the model's device
+        images = batches.gather_images(data, wanted, batch_size).to(device if device is not None
+                                                                    else model_device(copied))
         slot = {index: row for row, index in enumerate(wanted)}
         neurons = torch.tensor([[slot[int(image_index[i])], channels[i], int(top.y[channels[i], 0]),
                                  int(top.x[channels[i], 0])] for i in found], dtype=torch.long, device=images.device)
