@@ -61,16 +61,9 @@ def load_checkpoint(model: nn.Module, state: Mapping, where: str, caller: str = 
 
 
 def _check_channels(channels, caller: str) -> List[int]:
-    if isinstance(channels, int) and not isinstance(channels, bool):
-        channels = [channels]
-    if isinstance(channels, torch.Tensor):
-        channels = channels.flatten().tolist()
-    try:
-        channels = list(channels)
-    except TypeError:
-        raise TypeError(f"{caller}: channels must be an int or a list of ints, got {type(channels).__name__}") from None
-    if not channels:
-        raise ValueError(f"{caller}: channels is empty; name at least one feature map")
+    from .outputs import as_list
+
+    channels = as_list(channels, int, "channels (an int or a list of ints)", caller)
     for channel in channels:
         if isinstance(channel, bool) or not isinstance(channel, int) or channel < 0:
             raise ValueError(f"{caller}: channels must be non-negative ints, got {channel!r}")

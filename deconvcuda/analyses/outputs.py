@@ -9,24 +9,28 @@ from torch import nn
 __all__ = ["layer_list", "layer_outputs"]
 
 
+def as_list(value, single, what: str, caller: str) -> list:
+    """``value`` as a non-empty list; one ``single`` (a type or tuple of types) becomes ``[value]``.
+    what: how errors name the argument, e.g. "layers (a layer name or a list of them)"."""
+    if isinstance(value, single):
+        return [value]
+    if isinstance(value, torch.Tensor):
+        value = value.flatten().tolist()
+    try:
+        value = list(value)
+    except TypeError:
+        raise TypeError(f"{caller}: expected {what}, got {type(value).__name__}") from None
+    if not value:
+        raise ValueError(f"{caller}: {what.split(' ')[0]} is empty; pass at least one")
+    return value
+
+
 def layer_list(model: nn.Module, layers: Union[str, Sequence[str]], caller: str) -> List[str]:
     """``layers`` as a non-empty list of names from ``model.named_modules()`` ("" is the model's output)."""
-    if isinstance(layers, str):
-        layers = [layers]
-    try:
-        layers = list(layers)
-    except TypeError:
-        raise TypeError(f"{caller}: layers must be a layer name or a list of them, got {type(layers).__name__}") from None
-    if not layers:
-        raise ValueError(f"{caller}: layers is empty; name at least one layer from model.named_modules()")
-    names = dict(model.named_modules())
-    for layer in layers:
-        if not isinstance(layer, str) or layer not in names:
-            valid = [name for name in names if name]
-            shown = ", ".join(valid[:40]) + (f", ... ({len(valid)} in all)" if len(valid) > 40 else "")
-            raise ValueError(f"{caller}: unknown layer {layer!r}; expected a name from model.named_modules() "
-                             f"(\"\" for the model's output): {shown}")
-    return list(dict.fromkeys(layers))
+    from ..graph import resolve_layer
+
+    layers = as_list(layers, (str, nn.Module), "layers (a layer name or a list of them)", caller)
+    return list(dict.fromkeys(resolve_layer(model, layer, caller) for layer in layers))
 
 
 def layer_outputs(model: nn.Module, images: torch.Tensor, layers: Sequence[str], caller: str) -> Dict[str, torch.Tensor]:
