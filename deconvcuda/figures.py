@@ -441,7 +441,9 @@ class _Progress:
         else:
             print(message, file=sys.stderr, flush=True)
 
-    def update(self, count: int) -> None:
+    def update(self, count: int, left: Optional[float] = None) -> None:
+        """``count`` more done; ``left``: the seconds still to go, where the caller knows better than
+        the average so far."""
         self.done += count
         if not self.enabled:
             return
@@ -450,7 +452,8 @@ class _Progress:
             return
         if self.done >= self.next_line * self.total or self.done == self.total:
             elapsed = time.perf_counter() - self.started
-            left = elapsed / self.done * (self.total - self.done)
+            if left is None:
+                left = elapsed / self.done * (self.total - self.done)
             print(f"{self.desc}: {self.done}/{self.total} {self.unit}s, {_duration(elapsed)} so far"
                   + (f", about {_duration(left)} left" if self.done < self.total else ""), file=sys.stderr, flush=True)
             while self.next_line * self.total <= self.done:
@@ -459,6 +462,46 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class _Estimate:
+    """How long the projections will take: each layer's seconds per projection, measured on its first
+    chunk (layers differ by orders of magnitude), times what is left of it, shared by the processes."""
+
+    def __init__(self, jobs, rules: int, world: int):
+        self.jobs, self.rules, self.world = jobs, rules, world
+        self.finished = [False] * len(jobs)
+        self.rate: Dict[str, float] = {}          # layer -> seconds per projection
+        self.announced = False
+
+    def done(self, number: int, seconds: float) -> None:
+        item, _, pairs = self.jobs[number]
+        self.finished[number] = True
+        self.rate.setdefault(item.record.layer, seconds / max(1, len(pairs) * self.rules))
+
+    def left(self) -> Optional[float]:
+        """Seconds still to go, or None until every layer with work left has been measured."""
+        seconds = 0.0
+        for (item, _, pairs), finished in zip(self.jobs, self.finished):
+            if not finished:
+                rate = self.rate.get(item.record.layer)
+                if rate is None:
+                    return None
+                seconds += rate * len(pairs) * self.rules
+        return seconds / self.world
+
+    def announcement(self) -> Optional[str]:
+        """Once, as soon as it is known: how long a long run will still take."""
+        left = None if self.announced else self.left()
+        if left is None:
+            return None
+        self.announced = True
+        if left <= LONG_RUN_SECONDS:
+            return None
+        count = sum(len(pairs) for (_, _, pairs), finished in zip(self.jobs, self.finished) if not finished)
+        return (f"visualize: about {_duration(left)} more for the other {count * self.rules:,} projections "
+                f"(measured on the first chunk of each layer); fewer channels (channels=, max_channels=) or a GPU "
+                "take less")
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -633,14 +676,17 @@ def visualize(model: nn.Module, data, layers: Union[str, Sequence[str]], *,
     geometry = _geometry(model, data, layers, tops, batch_size)
     work = [_plan_layer(layer, tops[layer], channels, max_channels, scan_seconds, geometry.get(layer))
             for layer in layers]
-    jobs = [job for item in work for job in item.jobs(max(1, PROJECTIONS_PER_CALL // k))]
+    per_layer = [item.jobs(max(1, PROJECTIONS_PER_CALL // k)) for item in work]
+    # each layer's first chunk comes first: their times estimate the whole run before most of it starts
+    jobs = [layer_jobs[0] for layer_jobs in per_layer if layer_jobs] + \
+        [job for layer_jobs in per_layer for job in layer_jobs[1:]]
     total = sum(len(pairs) for _, _, pairs in jobs) * len(rules)
     bar = _Progress(total, "projections", "projection", progress)
     bar.say(f"visualize: {total:,} projections ({sum(len(item.record.channels) for item in work)} channels of "
             f"{len(layers)} layer{'s' * (len(layers) > 1)}, up to {k} activations each, {len(rules)} "
             f"rule{'s' * (len(rules) > 1)})")
     channel_order = getattr(preprocessing, "channel_order", "RGB")
-    started, estimated = time.perf_counter(), False
+    estimate = _Estimate(jobs, len(rules), world)
     failure = None  # an error of rank 0 while drawing, reported to the other ranks
     try:
         # Rounds of `world` chunks, one per rank, so that rank 0 holds at most one round of results.
@@ -684,15 +730,13 @@ def visualize(model: nn.Module, data, layers: Union[str, Sequence[str]], *,
                         raise
                     failure = error
                     break
-                item.record.seconds["draw"] += time.perf_counter() - tock
-                bar.update(len(pairs) * len(rules))
-            if not estimated and bar.done:
-                estimated = True
-                left = (time.perf_counter() - started) / bar.done * (total - bar.done)
-                if left > LONG_RUN_SECONDS:
-                    bar.say(f"visualize: about {_duration(left)} more for the other {total - bar.done:,} projections "
-                            f"(judging by the first {bar.done:,}); fewer channels (channels=, max_channels=) "
-                            "or a GPU take less")
+                drawing = time.perf_counter() - tock
+                item.record.seconds["draw"] += drawing
+                estimate.done(first + offset, result[2] + drawing)
+                bar.update(len(pairs) * len(rules), estimate.left())
+            message = estimate.announcement()
+            if message:
+                bar.say(message)
     finally:
         bar.close()
 
