@@ -12,9 +12,9 @@ convs and average pools, -inf for max pools); the layer then runs without paddin
 node's window covers its whole map, or the node is flat or global (Linear, Flatten, adaptive pools,
 means), it runs on whole maps instead; so does everything after it.
 
-    cones = OcclusionCones(model, layer, images, caller)
-    cones.unoccluded_output()                      # the layer's output on the images themselves
-    cones.values(corners, window, fill, channels, reduce, softmax)   # [N * positions]
+    cones = OcclusionCones(model, layer, images.shape[1:], caller)
+    cones.unoccluded_output(images)                # the layer's output on the images themselves
+    cones.values(images, corners, window, fill, channels, value_of, batch_size=256, progress=False)  # [N * P]
 """
 from __future__ import annotations
 
@@ -108,20 +108,32 @@ def _avg_pool_divisors(kind, size: Sequence[int], like: torch.Tensor) -> torch.T
 
 
 class OcclusionCones:
-    """The traced model, its unoccluded forward with every node's output, and each node's cone."""
+    """The traced model and, for the images being worked on, every node's unoccluded output."""
 
-    def __init__(self, model: nn.Module, layer: str, images: torch.Tensor, caller: str):
+    def __init__(self, model: nn.Module, layer: str, image_shape: Sequence[int], caller: str):
         self.graph = trace(model, layer, caller=caller)
-        self.graph.shapes(tuple(images.shape[1:]), caller=caller)  # a clear error where the images do not fit
+        self.graph.shapes(tuple(image_shape), caller=caller)  # a clear error where the images do not fit
         self.target = self.graph.targets[layer]
-        self.images = images
         self.nodes: List[Node] = self._needed()
-        with torch.no_grad():
-            self.base: Dict[Node, torch.Tensor] = {self.graph.input: images}
-            for node in self.nodes[1:]:
-                self.base[node] = node.kind.forward(*(self.base[i] for i in node.inputs))
+        self._use(None)
+
+    def _use(self, images: Optional[torch.Tensor]) -> None:
+        """Make ``images`` the ones worked on: their unoccluded forward, keeping every node's output."""
+        self.images = images
+        self.base: Dict[Node, torch.Tensor] = {}
         self._divisors: Dict[Node, torch.Tensor] = {}
         self._padded: Dict[Tuple[Node, Tuple[int, ...], float], torch.Tensor] = {}
+        if images is None:
+            return
+        with torch.no_grad():
+            self.base[self.graph.input] = images
+            for node in self.nodes[1:]:
+                self.base[node] = node.kind.forward(*(self.base[i] for i in node.inputs))
+
+    def unoccluded_output(self, images: torch.Tensor) -> torch.Tensor:
+        """The target's output on ``images`` themselves (one forward; nothing kept)."""
+        with torch.no_grad():
+            return self.graph.run(images)[self.graph.layers[0]]
 
     def _needed(self) -> List[Node]:
         """The nodes the target depends on, in topological order."""
@@ -130,9 +142,6 @@ class OcclusionCones:
             if node in needed:
                 needed.update(node.inputs)
         return [node for node in self.graph.nodes if node in needed]
-
-    def unoccluded_output(self) -> torch.Tensor:
-        return self.base[self.target]
 
     # -- geometry, per occluder position -------------------------------------------------------- #
 
@@ -235,26 +244,38 @@ class OcclusionCones:
 
     # -- the values ----------------------------------------------------------------------------- #
 
-    def values(self, corners: torch.Tensor, window: Tuple[int, int], fill: torch.Tensor, channels: torch.Tensor,
-               value_of, *, batch_size: int, progress: bool) -> torch.Tensor:
+    def values(self, images: torch.Tensor, corners: torch.Tensor, window: Tuple[int, int], fill: torch.Tensor,
+               channels: torch.Tensor, value_of, *, batch_size: int, progress: bool) -> torch.Tensor:
         """Per image and occluder position (``corners`` [P, 2]; image-major), ``value_of(output, channel)``
         of the target's occluded output, where ``output`` is the chosen channel's map [B, 1, h, w]
-        (then ``channel`` is 0) or the flat output [B, F] (``channel`` indexes it). Returns [N * P]."""
+        (then ``channel`` is 0) or the flat output [B, F] (``channel`` indexes it). Returns [N * P].
+        Images go through in groups small enough that a group's positions fill about one batch, so
+        the unoccluded outputs kept are those of one group, not of every image."""
         from tqdm.auto import tqdm
 
-        windows = self._windows(corners, window)
-        grown = {node: node.kind.grow(windows[node]) for node in self.nodes[1:]
-                 if windows[node] is not None and isinstance(node.kind, SPATIAL_KINDS)}
         n_positions = corners.shape[0]
-        total = self.images.shape[0] * n_positions
+        per_group = max(1, batch_size // n_positions)
         results = []
-        with torch.no_grad():
-            for start in tqdm(range(0, total, batch_size), desc="occlusion", unit="batch", disable=not progress):
-                index = torch.arange(start, min(start + batch_size, total), device=self.images.device)
-                images, rows = index // n_positions, index % n_positions
-                chosen = channels[images]
-                output = self._occluded_target(windows, grown, images, rows, fill, window, chosen)
-                results.append(value_of(output, chosen if output.dim() == 2 else torch.zeros_like(chosen)))
+        bar = tqdm(total=images.shape[0] * n_positions, desc="occlusion", unit="position", disable=not progress)
+        try:
+            with torch.no_grad():
+                for first in range(0, images.shape[0], per_group):
+                    group = images[first:first + per_group]
+                    self._use(group)
+                    windows = self._windows(corners, window)
+                    grown = {node: node.kind.grow(windows[node]) for node in self.nodes[1:]
+                             if windows[node] is not None and isinstance(node.kind, SPATIAL_KINDS)}
+                    total = group.shape[0] * n_positions
+                    for start in range(0, total, batch_size):
+                        index = torch.arange(start, min(start + batch_size, total), device=images.device)
+                        rows_images, rows = index // n_positions, index % n_positions
+                        chosen = channels[first + rows_images]
+                        output = self._occluded_target(windows, grown, rows_images, rows, fill, window, chosen)
+                        results.append(value_of(output, chosen if output.dim() == 2 else torch.zeros_like(chosen)))
+                        bar.update(index.shape[0])
+        finally:
+            bar.close()
+            self._use(None)
         return torch.cat(results)
 
     def _occluded_target(self, windows, grown, images, rows, fill, window, chosen) -> torch.Tensor:

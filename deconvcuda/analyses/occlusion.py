@@ -194,10 +194,10 @@ def occlusion(model: nn.Module, images: torch.Tensor, layer: str, channel=None, 
     _check_batch_size(batch_size, caller)
     from .cone import OcclusionCones
 
-    cones = OcclusionCones(model, layer, images, caller)
-    channels = _resolve_channel(cones.unoccluded_output(), channel, reduce, softmax, caller)
+    cones = OcclusionCones(model, layer, images.shape[1:], caller)
+    channels = _resolve_channel(cones.unoccluded_output(images), channel, reduce, softmax, caller)
     corners = _corners(grid, stride, images.device)
-    values = cones.values(corners, window, fill, channels, lambda out, ch: _values(out, ch, reduce, softmax),
+    values = cones.values(images, corners, window, fill, channels, lambda out, ch: _values(out, ch, reduce, softmax),
                           batch_size=batch_size, progress=progress)
     return values.reshape(images.shape[0], grid[0], grid[1]).to(images.dtype)
 
@@ -212,12 +212,13 @@ def most_probable_class(model: nn.Module, images: torch.Tensor, layer: str = "",
     _check_batch_size(batch_size, caller)
     from .cone import OcclusionCones
 
-    cones = OcclusionCones(model, layer, images, caller)
-    if cones.unoccluded_output().dim() != 2:
-        raise ValueError(f"{caller}: layer {layer!r} is not flat ([N, F]) but "
-                         f"{list(cones.unoccluded_output().shape)}; pass a classifier's output")
+    cones = OcclusionCones(model, layer, images.shape[1:], caller)
+    shape = cones.graph.shapes(tuple(images.shape[1:]), caller=caller)[cones.graph.layers[0]]
+    if len(shape) != 1:
+        raise ValueError(f"{caller}: layer {layer!r} is not flat ([N, F]) but [N, {', '.join(map(str, shape))}]; "
+                         "pass a classifier's output")
     unused = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
-    classes = cones.values(_corners(grid, stride, images.device), window, fill, unused,
+    classes = cones.values(images, _corners(grid, stride, images.device), window, fill, unused,
                            lambda output, _: output.argmax(dim=1), batch_size=batch_size, progress=progress)
     return classes.reshape(images.shape[0], grid[0], grid[1])
 
