@@ -28,6 +28,8 @@ if __name__ == "__main__":  # run as a script from anywhere: import the package 
 
 import deconvcuda
 
+from conftest import DEVICES
+
 #: Target of issue 8: scanning all 13 ReLU outputs costs at most this many plain forwards.
 TARGET_RATIO = 1.3
 #: Per device: (images, side, batch size, rounds). The CPU's are small (2 shared cores); the
@@ -114,8 +116,7 @@ def report(device: str, count: int, side: int, batch_size: int, result: Dict[str
             f"{result['scan'] * 1e3:.1f} ms, ratio {result['ratio']:.3f} (target <= {TARGET_RATIO})")
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="CUDA not available"))])
+@pytest.mark.parametrize("device", DEVICES)
 def test_scan_against_a_plain_forward(benchmark, device):
     count, side, batch_size, rounds = SIZES[device]
     result = benchmark.pedantic(lambda: measure(device, count, side, batch_size, rounds), rounds=1, iterations=1)
