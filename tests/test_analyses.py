@@ -123,11 +123,14 @@ def brute_force_occlusion(model, images, layer, channel, window, stride, fill, r
         channel = torch.as_tensor(channel).to(images.device).expand(n)
         values = torch.empty(n, rows, cols, dtype=images.dtype, device=images.device)
         for image in range(n):
+            occluded = images[image:image + 1].repeat(rows * cols, 1, 1, 1)  # one copy per position
             for i in range(rows):
                 for j in range(cols):
-                    occluded = images[image:image + 1].clone()
-                    occluded[0, :, i * sh:i * sh + wh, j * sw:j * sw + ww] = fill
-                    out = forward_to_layer(model, occluded, layer)[0]
+                    occluded[i * cols + j, :, i * sh:i * sh + wh, j * sw:j * sw + ww] = fill
+            outputs = forward_to_layer(model, occluded, layer)
+            for i in range(rows):
+                for j in range(cols):
+                    out = outputs[i * cols + j]
                     if out.dim() == 1:
                         out = torch.softmax(out, 0) if softmax else out
                         values[image, i, j] = out[channel[image]]
