@@ -58,6 +58,8 @@ def _check_fill(fill, images: torch.Tensor, caller: str) -> torch.Tensor:
         raise TypeError(f"{caller}: fill must be a float or a tensor [C] of per-channel values, got a bool")
     if isinstance(fill, (int, float)):
         return torch.full((channels, 1, 1), float(fill), dtype=images.dtype, device=images.device)
+    if isinstance(fill, (list, tuple)) and all(isinstance(v, (int, float)) for v in fill):
+        fill = torch.tensor(fill, dtype=torch.float64)
     if isinstance(fill, torch.Tensor):
         if fill.dim() == 0:
             return fill.to(images.dtype).to(images.device).expand(channels).reshape(channels, 1, 1).clone()
@@ -86,13 +88,15 @@ def _check_channel(channel, n_images: int, n_channels: int, flat: bool, caller: 
     what = "unit" if flat else "channel"
     if channel is None:
         return None
+    if isinstance(channel, (list, tuple)) and all(isinstance(c, int) and not isinstance(c, bool) for c in channel):
+        channel = torch.tensor(channel, dtype=torch.long)  # one per image, like a LongTensor [N]
     if isinstance(channel, torch.Tensor):
         if channel.dtype in (torch.bool,) or channel.is_floating_point() or channel.is_complex():
             raise TypeError(f"{caller}: channel must be an int or a LongTensor [N], got a {channel.dtype} tensor")
         if channel.dim() == 0:
             channel = channel.reshape(1).expand(n_images)
         if channel.dim() != 1 or channel.shape[0] != n_images:
-            raise ValueError(f"{caller}: channel as a tensor must hold one {what} per image, shape [{n_images}], "
+            raise ValueError(f"{caller}: channel as a tensor or list must hold one {what} per image, shape [{n_images}], "
                              f"got {list(channel.shape)}")
         channel = channel.detach().to("cpu", torch.long)
     elif isinstance(channel, int) and not isinstance(channel, bool):
