@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import html
 import os
 import re
@@ -352,7 +353,7 @@ def invariance_command(args) -> int:
 def evolution_command(args) -> int:
     from ..cli import PROG, UsageError, _device
     from . import gallery
-    from .evolution import evolution
+    from .evolution import evolution, load_checkpoint, read_checkpoint
 
     device = _device(args.device)
     model = _model(args).to(device)
@@ -364,11 +365,16 @@ def evolution_command(args) -> int:
     inputs = model.preprocessing.to_model(images.images).to(device)
     print(f"{PROG}: evolution of {layer} ({args.model} on {device}) over {len(args.checkpoints)} checkpoints, "
           f"{len(images)} images, channels {', '.join(map(str, args.channels))}", file=sys.stderr)
-    try:
-        cells = evolution(model, args.checkpoints, inputs, layer, args.channels, batch_size=args.batch_size,
-                          progress=not args.no_progress)
-    except (ValueError, TypeError) as error:
-        raise UsageError(f"--checkpoints: {error}") from None
+    probe = copy.deepcopy(model)  # every checkpoint must fit before any work: a usage error, not a failure
+    for number, checkpoint in enumerate(args.checkpoints):
+        where = f"checkpoint {number} ({checkpoint!r})"
+        try:
+            load_checkpoint(probe, read_checkpoint(checkpoint, where, f"{PROG} evolution"), where, f"{PROG} evolution")
+        except (ValueError, TypeError) as error:
+            raise UsageError(f"--checkpoints: {error}") from None
+    del probe
+    cells = evolution(model, args.checkpoints, inputs, layer, args.channels, batch_size=args.batch_size,
+                      progress=not args.no_progress)
     path = Path(args.out) / "evolution" / f"{_slug(layer)}.png"
     gallery.clear_previous(args.out, "evolution")
     order = getattr(model.preprocessing, "channel_order", "RGB")
