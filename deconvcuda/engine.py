@@ -72,6 +72,10 @@ class _Kernels:
                 raise RuntimeError(f"{caller}: backend='auto' needs the compiled extension deconvcuda._C, which "
                                    f"could not be loaded ({error}); build it (`make build`) or pass "
                                    f"backend='reference'") from error
+        if backend != "reference":
+            from .dispatch import Dispatcher
+
+            ops = Dispatcher(ops)  # deconv2d and the fused op: the fastest exact implementation per shape
         self.max_pool2d_switches = ops.max_pool2d_switches
         self.unpool_relu = ops.unpool_relu
         self.deconv2d = ops.deconv2d

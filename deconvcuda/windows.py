@@ -71,8 +71,11 @@ class Windows:
         return flat.flatten(1), valid.flatten(1)
 
     def inside(self, size: Sequence[int]) -> torch.Tensor:
-        """[P, 1, h, w]: whether each window position lies inside a map of ``size``."""
-        return self.positions(size)[1].view(-1, 1, self.height, self.width)
+        """[P, 1, h, w]: whether each window position lies inside a map of ``size`` (built from one
+        row test and one column test per window)."""
+        rows = self.top[:, None] + torch.arange(self.height, device=self.top.device)
+        cols = self.left[:, None] + torch.arange(self.width, device=self.left.device)
+        return (((rows >= 0) & (rows < size[0]))[:, None, :, None] & ((cols >= 0) & (cols < size[1]))[:, None, None, :])
 
     def crop(self, saved: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Each projection's window of a saved channels-last map [N, H, W, C] -> [P, C, h, w]
@@ -84,7 +87,9 @@ class Windows:
             -1, self.height, self.width, c).permute(0, 3, 1, 2)
 
     def zero_outside(self, g: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        return torch.where(self.inside(size), g, torch.zeros((), dtype=g.dtype, device=g.device))
+        """``g`` (a fresh result, changed in place) with zeros where the windows leave the map: there
+        the forward read zero padding, which has no gradient."""
+        return g.masked_fill_(~self.inside(size), 0)
 
     def paste(self, g: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """The windows [P, C, h, w] placed into zero maps [P, C, H, W]. Positions outside the map go

@@ -208,8 +208,8 @@ def test_build_vgg16_hed_with_weights_file_uses_the_file(tmp_path, monkeypatch):
 
 
 def test_build_unknown_model_lists_the_names():
-    with pytest.raises(ValueError, match=r"unknown model 'resnet50'; expected one of vgg16_hed, zfnet, alexnet"):
-        models.build("resnet50")
+    with pytest.raises(ValueError, match=r"unknown model 'vit_b_16'; expected one of vgg16_hed, zfnet, alexnet"):
+        models.build("vit_b_16")
 
 
 def test_build_missing_weights_file(tmp_path):

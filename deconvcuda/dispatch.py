@@ -1,0 +1,122 @@
+"""Per-shape dispatch by measurement: where an op has several exact implementations, time each once
+per shape, device and dtype, and use the fastest for the rest of the process (as
+``torch.backends.cudnn.benchmark`` does for convolutions).
+
+    kernels = Dispatcher(ops)          # ops: deconvcuda.ops
+    kernels.deconv2d(...)              # the op, or a GEMM + col2im, whichever was faster for this shape
+    kernels.unpool_relu_deconv2d(...)  # the fused kernel, or unpool_relu followed by the fastest deconv2d
+
+Every candidate computes the same numbers up to floating-point rounding; which one ran can change the
+last bits. For bit-reproducible runs turn it off: ``deconvcuda.dispatch.AUTOTUNE = False`` or the
+environment variable ``DECONVCUDA_AUTOTUNE=0``; then the native op always runs.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Dict, Hashable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .geometry import deconv_min_output_size
+
+__all__ = ["AUTOTUNE", "Dispatcher", "deconv2d_gemm"]
+
+#: Whether to time the candidates and pick the fastest (False: always the native op).
+AUTOTUNE = os.environ.get("DECONVCUDA_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+#: The choices made so far in this process: {(op, shapes, arguments, device, dtype): candidate name}.
+CHOICES: Dict[Hashable, str] = {}
+
+
+def _pair(value) -> Tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def deconv2d_gemm(input: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=1, groups: int = 1,
+                  output_size=None) -> torch.Tensor:
+    """The transposed convolution as one matrix product per group and a col2im (``F.fold``): each
+    input position times the filters gives the kernel-sized patch it adds to the output. No
+    convolution library's setup cost, so it wins on the small windows of point projections."""
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    p, c_out, h, w = input.shape
+    c_in_group, kh, kw = weight.shape[1:]
+    if output_size is None:
+        output_size = [deconv_min_output_size((h, w)[i], (kh, kw)[i], stride[i], padding[i], dilation[i])
+                       for i in range(2)]
+    rows = input.permute(0, 2, 3, 1).reshape(p * h * w, groups, c_out // groups).transpose(0, 1)  # [G, PHW, Co/G]
+    filters = weight.reshape(groups, c_out // groups, c_in_group * kh * kw)                         # [G, Co/G, Ci/G k]
+    columns = torch.bmm(rows, filters)                                                              # [G, PHW, Ci/G k]
+    columns = columns.view(groups, p, h * w, c_in_group * kh * kw).permute(1, 0, 3, 2)
+    columns = columns.reshape(p, groups * c_in_group * kh * kw, h * w)
+    return F.fold(columns, tuple(output_size), (kh, kw), dilation=dilation, padding=padding, stride=stride)
+
+
+class Dispatcher:
+    """The native ops, with ``deconv2d`` and ``unpool_relu_deconv2d`` chosen by measurement."""
+
+    def __init__(self, ops):
+        self.ops = ops
+        self.max_pool2d_switches = ops.max_pool2d_switches
+        self.unpool_relu = ops.unpool_relu
+
+    def _choose(self, op: str, candidates: Dict[str, Callable[[], torch.Tensor]], key: Hashable,
+                like: torch.Tensor) -> torch.Tensor:
+        if not AUTOTUNE:
+            return next(iter(candidates.values()))()
+        key = (op, key, like.device.type, like.dtype)
+        chosen = CHOICES.get(key)
+        if chosen is not None:
+            return candidates[chosen]()
+        best: Optional[Tuple[float, str, torch.Tensor]] = None
+        for name, candidate in candidates.items():
+            elapsed = float("inf")
+            for _ in range(2):  # the better of two: the first call of a shape pays one-time setup (oneDNN, cuDNN)
+                _synchronize(like)
+                start = time.perf_counter()
+                result = candidate()
+                _synchronize(like)
+                elapsed = min(elapsed, time.perf_counter() - start)
+            if best is None or elapsed < best[0]:
+                best = (elapsed, name, result)
+        CHOICES[key] = best[1]
+        return best[2]
+
+    def deconv2d(self, input, weight, stride=1, padding=0, dilation=1, groups=1, output_size=None):
+        if input.numel() == 0 or weight.numel() == 0:
+            return self.ops.deconv2d(input, weight, stride, padding, dilation, groups, output_size)
+        key = (tuple(input.shape), tuple(weight.shape), str(stride), str(padding), str(dilation), groups,
+               str(output_size))
+        return self._choose("deconv2d", {
+            "op": lambda: self.ops.deconv2d(input, weight, stride, padding, dilation, groups, output_size),
+            "gemm": lambda: deconv2d_gemm(input, weight, stride, padding, dilation, groups, output_size),
+        }, key, input)
+
+    def unpool_relu_deconv2d(self, grad, switches, weight, input_size, kernel_size, stride=None, padding=0,
+                             dilation=1, conv_stride=1, conv_padding=0, conv_dilation=1, groups=1, output_size=None,
+                             rule="deconvnet", positive=None):
+        if grad.numel() == 0 or weight.numel() == 0:
+            return self.ops.unpool_relu_deconv2d(grad, switches, weight, input_size, kernel_size, stride, padding,
+                                                 dilation, conv_stride, conv_padding, conv_dilation, groups,
+                                                 output_size, rule, positive)
+        key = (tuple(grad.shape), tuple(weight.shape), str(input_size), str(kernel_size), str(stride), str(padding),
+               str(dilation), str(conv_stride), str(conv_padding), str(conv_dilation), groups, str(output_size), rule)
+
+        def fused():
+            return self.ops.unpool_relu_deconv2d(grad, switches, weight, input_size, kernel_size, stride, padding,
+                                                 dilation, conv_stride, conv_padding, conv_dilation, groups,
+                                                 output_size, rule, positive)
+
+        def unpool_then_deconv():
+            unpooled = self.ops.unpool_relu(grad, switches, input_size, kernel_size, stride, padding, dilation, rule,
+                                            positive)
+            return self.deconv2d(unpooled, weight, conv_stride, conv_padding, conv_dilation, groups, output_size)
+
+        return self._choose("unpool_relu_deconv2d", {"fused": fused, "unpool+deconv2d": unpool_then_deconv}, key,
+                            grad)
+
+
+def _synchronize(like: torch.Tensor) -> None:
+    if like.device.type == "cuda":
+        torch.cuda.synchronize(like.device)
