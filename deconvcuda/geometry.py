@@ -1,5 +1,5 @@
 """Output sizes along one axis: the Python twin of csrc/common/geometry.h, shared by the fake
-kernels (ops.py), the reference (reference.py) and the model reader (plan.py). Keep the two in step."""
+kernels (ops.py), the reference (reference.py) and the layer kinds (kinds/). Keep the two in step."""
 from __future__ import annotations
 
 __all__ = ["pool_output_size", "conv_output_size", "deconv_min_output_size"]
