@@ -51,8 +51,21 @@ SEEDS = ("value", "one")
 BACKENDS = ("auto", "reference")
 
 # Projections are processed in chunks whose largest feature map (per chunk, in elements) stays
-# under this bound: 2**25 float32 values are 128 MiB, and a layer holds a few such tensors at once.
+# under this bound on the CPU: 2**25 float32 values are 128 MiB, and a layer holds a few such tensors
+# at once. On CUDA the bound follows the device's free memory (``_chunk_elements``).
 CHUNK_ELEMENTS = 1 << 25
+#: On CUDA, the share of the free device memory one chunk's largest map may take: a unit holds a
+#: few maps of that size at once (its input, its output, a fused op's unpooled map, the sum).
+CUDA_FREE_SHARE = 1 / 8
+
+
+def _chunk_elements(like: torch.Tensor) -> int:
+    """Elements one chunk's largest map may have: CHUNK_ELEMENTS on the CPU (a test may lower it), a
+    share of the free memory on CUDA (at least CHUNK_ELEMENTS's worth where that is less)."""
+    if like.device.type != "cuda" or CHUNK_ELEMENTS != 1 << 25:
+        return CHUNK_ELEMENTS
+    free, _ = torch.cuda.mem_get_info(like.device)
+    return max(CHUNK_ELEMENTS, int(free * CUDA_FREE_SHARE) // like.element_size())
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -368,7 +381,7 @@ def _reverse(program: List[_Unit], graph: Graph, output: torch.Tensor, selection
         return result
     point_windows = selection.points and not flat
     windowed, peak = _schedule(program, options.crop and point_windows)
-    chunk = max(1, min(count, CHUNK_ELEMENTS // max(peak, numel(target_shape), 1)))
+    chunk = max(1, min(count, _chunk_elements(output) // max(peak, numel(target_shape), 1)))
 
     for start in range(0, count, chunk):
         stop = min(start + chunk, count)
