@@ -241,3 +241,29 @@ def test_layers_command_prints_the_listing(capsys):
     by_name = {line.split()[0]: line for line in lines[1:]}
     assert "Fire" in by_name["features.3"] and "128 x 15 x 15" in by_name["features.3"]
     assert by_name["features.12"].rstrip().endswith("*")  # a default layer is marked
+
+
+# SqueezeNet's and VGG-BN's ReLUs are nn.ReLU modules, each called once: Captum's module hooks see
+# every one, so its NeuronDeconvolution and NeuronGuidedBackprop are the two rules with seed="one".
+CAPTUM_GRAPH_CASES = [("squeezenet1_1", "features.7", 48), ("vgg11_bn", "features.10", 40)]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Captum warns that it sets requires_grad and hooks
+@pytest.mark.parametrize("name, layer, size", CAPTUM_GRAPH_CASES, ids=[c[0] for c in CAPTUM_GRAPH_CASES])
+def test_agrees_with_captum_deconvolution_and_guided_backprop(name, layer, size):
+    captum_attr = pytest.importorskip("captum.attr")
+    model64 = graph_model64(name)
+    images = graph_images(size).double()
+    with torch.no_grad():
+        out = forward_to_layer(model64, images, layer)
+    h, w = out.shape[2:]
+    for y, x in [(0, 0), (h // 2, w - 1)]:
+        channel = int(out[0, :, y, x].argmax())
+        for rule, method in (("deconvnet", captum_attr.NeuronDeconvolution),
+                             ("guided", captum_attr.NeuronGuidedBackprop)):
+            attribution = method(model64, model64.get_submodule(layer)).attribute(
+                images.clone(), neuron_selector=(channel, y, x))
+            ours = deconvcuda.project(model64, images, layer, channel=channel, position=(y, x), rule=rule, seed="one")
+            assert_close_to_largest(ours, attribution, 1e-9, f"{name} {layer} ({channel}, {y}, {x}) {rule} vs Captum")
+        assert not any(module._forward_hooks or module._backward_hooks for module in model64.modules()), \
+            "Captum left hooks behind"
