@@ -96,9 +96,30 @@ class Concatenating(nn.Module):
         return self.classifier(self.features(x))
 
 
+class Geometry(nn.Module):
+    """Asymmetric kernels, strides, paddings and dilations; a grouped conv; a dilated ceil_mode max
+    pool; a 3x3 stride-3 conv (inputs that no output reads); average pools counting the padding with
+    ceil_mode and with a divisor override; an add and a cat of branches of different geometry."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, (3, 5), stride=(1, 2), padding=(2, 1), dilation=(2, 1), groups=3)
+        self.p = nn.MaxPool2d((3, 2), stride=(2, 3), padding=(1, 1), dilation=(2, 1), ceil_mode=True)
+        self.b = nn.Conv2d(6, 6, 3, stride=3, padding=1)
+        self.b2 = nn.Conv2d(6, 6, 3, stride=3, padding=1)
+        self.q = nn.AvgPool2d((3, 2), stride=(1, 2), padding=1, ceil_mode=True, count_include_pad=True)
+        self.r = nn.AvgPool2d(2, stride=2, padding=1, ceil_mode=True, divisor_override=5)
+        self.c = nn.Conv2d(12, 4, 1, stride=2)
+
+    def forward(self, x):
+        z = self.p(torch.relu(self.a(x)))
+        branch = self.b(z)
+        return self.c(self.r(torch.cat([self.q(branch + self.b2(z)), self.q(branch)], 1)))
+
+
 def build(name: str) -> nn.Module:
     torch.manual_seed(7)
-    model = {"chain": Chain, "residual": Residual, "concatenating": Concatenating}[name]()
+    model = {"chain": Chain, "residual": Residual, "concatenating": Concatenating, "geometry": Geometry}[name]()
     return randomize_batch_norms(model, 3).double().eval()
 
 
@@ -153,6 +174,8 @@ CASES = [
     ("concatenating", "features.2", (25, 23), (5, 5), (2, 3), {"fill": "per-channel"}),
     ("concatenating", "features.4", (25, 23), (6, 4), (4, 3), {"channel": 7}),
     ("concatenating", "", (25, 23), (7, 7), (3, 4), {"softmax": True, "channel": "per-image"}),
+    ("geometry", "p", (23, 31), (9, 2), (2, 3), {"reduce": "max"}),
+    ("geometry", "", (30, 17), (3, 4), (5, 7), {"fill": "per-channel"}),
 ]
 
 
