@@ -363,9 +363,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "layers":
             return layers_command(args)
-        if args.command != "visualize":
-            from .analyses.commands import run
+        from .analyses.commands import COMMANDS, run
 
+        if args.command in COMMANDS:  # occlusion, invariance, evolution
             return run(args)
         return visualize_command(args)
     except UsageError as error:
