@@ -38,7 +38,7 @@ def deconv2d_gemm(input: torch.Tensor, weight: torch.Tensor, stride=1, padding=0
                   output_size=None) -> torch.Tensor:
     """The transposed convolution as one matrix product per group and a col2im (``F.fold``): each
     input position times the filters gives the kernel-sized patch it adds to the output. No
-    convolution library's setup cost, so it wins on the small windows of point projections."""
+    convolution library's setup cost, so it can win on the small windows of point projections."""
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     p, c_out, h, w = input.shape
     c_in_group, kh, kw = weight.shape[1:]
@@ -47,7 +47,7 @@ def deconv2d_gemm(input: torch.Tensor, weight: torch.Tensor, stride=1, padding=0
                        for i in range(2)]
     rows = input.permute(0, 2, 3, 1).reshape(p * h * w, groups, c_out // groups).transpose(0, 1)  # [G, PHW, Co/G]
     filters = weight.reshape(groups, c_out // groups, c_in_group * kh * kw)                         # [G, Co/G, Ci/G k]
-    columns = torch.bmm(rows, filters)                                                              # [G, PHW, Ci/G k]
+    columns = torch.mm(rows[0], filters[0])[None] if groups == 1 else torch.bmm(rows, filters)    # [G, PHW, Ci/G k]
     columns = columns.view(groups, p, h * w, c_in_group * kh * kw).permute(1, 0, 3, 2)
     columns = columns.reshape(p, groups * c_in_group * kh * kw, h * w)
     return F.fold(columns, tuple(output_size), (kh, kw), dilation=dilation, padding=padding, stride=stride)
