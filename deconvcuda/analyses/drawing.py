@@ -67,6 +67,9 @@ def _heat_map(axes, figure, values: np.ndarray, image_size, window, stride, titl
     axes.set_title(title, fontsize=9)
     axes.tick_params(labelsize=7)
     bar = figure.colorbar(shown, ax=axes, shrink=0.8)
+    formatter = bar.ax.yaxis.get_major_formatter()
+    if hasattr(formatter, "set_useOffset"):  # probabilities like 0.00100007 read as they are, not as an offset
+        formatter.set_useOffset(False)
     bar.set_label(label, fontsize=8)
     bar.ax.tick_params(labelsize=7)
 
