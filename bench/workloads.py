@@ -79,6 +79,32 @@ def _autograd_projections(baseline: AutogradDeconvNet, images, neurons):
                       for i in range(0, neurons.shape[0], AUTOGRAD_CHUNK)])
 
 
+CAPTUM_SAMPLE = 8  # Captum runs one call per neuron: time a few and report the time per projection
+
+
+def _captum_us_per_projection(model, images, layer, neurons, device) -> float:
+    """Captum's NeuronDeconvolution, one call per neuron (its only form), on the first few neurons;
+    NaN where Captum is not installed."""
+    try:
+        from captum.attr import NeuronDeconvolution
+    except ModuleNotFoundError:
+        return float("nan")
+    import copy
+    import warnings
+
+    twin = copy.deepcopy(model)  # Captum sets requires_grad and hooks modules: not on the user's model
+    method = NeuronDeconvolution(twin, twin.get_submodule(layer))
+    sample = neurons[:CAPTUM_SAMPLE].tolist()
+
+    def run():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for image, channel, y, x in sample:
+                method.attribute(images[image:image + 1].clone(), neuron_selector=(channel, y, x))
+
+    return 1e6 * _median_seconds(run, device, 1) / len(sample)
+
+
 def top9(model_name, layer, size, crops, channels, device, runs):
     model = _model(model_name, device)
     images = model.preprocessing.to_model(_images(size, crops, device))
@@ -91,10 +117,11 @@ def top9(model_name, layer, size, crops, channels, device, runs):
     error = max(_check(native(), expected, "native"), _check(autograd(), expected, "autograd"))
     t_native = _median_seconds(native, device, runs)
     t_autograd = _median_seconds(autograd, device, runs)
+    captum = _captum_us_per_projection(model, images, layer, neurons, device)
     return dict(workload="top9", model=model_name, layer=layer, images=crops, size=size, channels=channels,
                 projections=int(neurons.shape[0]), native_s=t_native, autograd_s=t_autograd,
                 ratio_vs_autograd=t_autograd / t_native, us_per_projection=1e6 * t_native / neurons.shape[0],
-                max_relative_error=error)
+                captum_us_per_projection=captum, max_relative_error=error)
 
 
 def strongest(model_name, layer, size, batch, device, runs):
@@ -159,7 +186,7 @@ def main(argv=None):
     functions = {"top9": top9, "strongest": strongest, "pipeline": pipeline}
     results = []
     print(f"{'workload':10} {'model':10} {'layer':12} {'proj':>5} {'native':>10} {'autograd':>10} {'ratio':>7} "
-          f"{'us/proj':>9}")
+          f"{'us/proj':>9} {'captum us/proj':>15}")
     for workload, cases in plans.items():
         if args.only and workload != args.only:
             continue
@@ -168,7 +195,8 @@ def main(argv=None):
             results.append(result)
             print(f"{workload:10} {result['model']:10} {result['layer']:12} {result['projections']:5d} "
                   f"{result['native_s'] * 1e3:8.1f}ms {result['autograd_s'] * 1e3:8.1f}ms "
-                  f"{result['ratio_vs_autograd']:6.1f}x {result['us_per_projection']:9.1f}", flush=True)
+                  f"{result['ratio_vs_autograd']:6.1f}x {result['us_per_projection']:9.1f} "
+                  f"{result.get('captum_us_per_projection', float('nan')):15.1f}", flush=True)
     if args.json:
         meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,
                     device=torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine(),
