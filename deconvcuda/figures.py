@@ -428,10 +428,7 @@ class _Progress:
         self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled and total > 0
         self.done, self.started, self.next_line = 0, time.perf_counter(), 0.1
         self.bar = None
-        if self.enabled and _is_terminal():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+        self.terminal = _is_terminal()
 
     def say(self, message: str) -> None:
         if not self.enabled:
@@ -447,7 +444,11 @@ class _Progress:
         self.done += count
         if not self.enabled:
             return
-        if self.bar is not None:
+        if self.terminal:
+            if self.bar is None:  # opened at the first update, below what was said before it
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, file=sys.stderr, dynamic_ncols=True)
             self.bar.update(count)
             return
         if self.done >= self.next_line * self.total or self.done == self.total:

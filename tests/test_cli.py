@@ -1,6 +1,7 @@
 """The `deconvcuda visualize` command end to end on tiny inputs, and its error messages."""
 import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,140 @@ def test_python_m_deconvcuda(tmp_path):
     bare = subprocess.run([sys.executable, "-m", "deconvcuda"], capture_output=True, text=True, cwd=tmp_path,
                           env=environment, timeout=300)
     assert bare.returncode == 2 and "usage: deconvcuda" in bare.stderr and "visualize" in bare.stderr
+
+
+# --------------------------------------------------------------------------------------------- #
+# The first hour of a new user: rules, defaults that agree, plain words in the gallery, clean output
+# --------------------------------------------------------------------------------------------- #
+
+def test_rules_side_by_side_and_a_header_in_plain_words(folder, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code, out, err = run_cli(capsys, "--model", "zfnet", "--images", folder, "--layers", "features.5",
+                             "--max-channels", "2", "--top", "2", "--image-size", "64", "--rule", "deconvnet,guided",
+                             "--out", out_dir)
+    assert code == 0, err
+    index = (out_dir / "index.html").read_text(encoding="utf-8")
+    assert "<dt>rule</dt><dd>deconvnet: the paper&#x27;s DeconvNet" in index and "; guided: guided backpropagation" in index
+    assert "<dt>weights</dt><dd>random weights (no --weights file was given)" in index
+    assert f"<dt>data</dt><dd>3 images from {folder}, resized and centre-cropped to 64x64 pixels</dd>" in index
+    one_rule = tmp_path / "one"
+    code, _, err = run_cli(capsys, "--model", "zfnet", "--images", folder, "--layers", "features.5",
+                           "--max-channels", "2", "--top", "2", "--image-size", "64", "--out", one_rule)
+    assert code == 0, err
+    for name in ("channel_0000.png", "channel_0001.png"):  # a third grid: the guided projections
+        with Image.open(out_dir / "features.5" / name) as two, Image.open(one_rule / "features.5" / name) as one:
+            assert two.height == one.height and two.width > 1.4 * one.width
+
+
+def test_options_share_the_defaults_of_visualize():
+    from deconvcuda import figures
+
+    parser, commands = cli._parser()
+    args = parser.parse_args(["visualize"])
+    assert args.max_channels == figures.DEFAULT_CHANNELS and args.channels is None
+    assert args.rule == ["deconvnet"] and args.contrast == "robust"
+    args = parser.parse_args(["visualize", "--channels", "all", "--max-channels", "all", "--rule", "guided,deconvnet"])
+    assert args.channels == "all" and args.max_channels is None and args.rule == ["guided", "deconvnet"]
+    assert cli.parse_channels("All") == "all" and cli.parse_rules("deconvnet, gradient") == ["deconvnet", "gradient"]
+    with pytest.raises(argparse.ArgumentTypeError, match="expected rules from deconvnet, guided, gradient"):
+        cli.parse_rules("deconvnet,lrp")
+
+
+def test_pretrained_weights_are_named_in_the_header():
+    assert cli.weights_description("vgg16_hed", None).startswith("pretrained: HED")
+    assert cli.weights_description("alexnet", None).startswith("random weights")
+    assert cli.weights_description("alexnet", "w.pth") == f"from the file {os.path.abspath('w.pth')}"
+
+
+def test_a_second_run_into_the_same_folder_leaves_no_old_figures(folder, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    common = ["--model", "zfnet", "--images", folder, "--top", "2", "--image-size", "64", "--out", out_dir]
+    assert run_cli(capsys, *common, "--layers", "features.1,5", "--channels", "0-3")[0] == 0
+    assert run_cli(capsys, *common, "--layers", "features.5", "--channels", "1")[0] == 0
+    assert sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*.png")) == [
+        "features.5/channel_0001.png", "figure_features.5.png"]
+
+
+@pytest.fixture
+def weight_files(tmp_path):
+    """Weights files a new user might pass: a whole pickled model, a truncated state_dict, garbage
+    bytes, and the state_dict of another architecture."""
+    zfnet = models.zfnet()
+    files = {"whole": tmp_path / "whole.pth", "truncated": tmp_path / "truncated.pth",
+             "garbage": tmp_path / "garbage.pth", "other": tmp_path / "zfnet.pth"}
+    torch.save(zfnet, files["whole"])
+    torch.save(zfnet.state_dict(), files["other"])
+    data = files["other"].read_bytes()
+    files["truncated"].write_bytes(data[:len(data) // 3])
+    files["garbage"].write_bytes(bytes(range(256)) * 4)
+    return files
+
+
+@pytest.mark.parametrize("kind, model, message", [
+    ("whole", "zfnet", "it holds a pickled object of class deconvcuda.models.ZFNet (a whole model saved with "
+                       "torch.save(model)?), not a state_dict"),
+    ("truncated", "zfnet", "it is a zip archive (the format torch.save writes), but cut short or damaged"),
+    ("garbage", "zfnet", "it is not a PyTorch weights file: neither the zip archive torch.save writes nor a pickle: "
+                         "its 1024 bytes start with b'\\x00\\x01"),
+    ("other", "alexnet", "does not fit model 'alexnet'"),
+])
+def test_weights_files_that_are_not_a_state_dict_say_what_they_are(weight_files, tmp_path, capsys, kind, model, message):
+    code, _, err = run_cli(capsys, "--model", model, "--weights", weight_files[kind], "--out", tmp_path / "out")
+    assert code == 2
+    assert message in err, err
+    assert "torch.save(model.state_dict(), path)" in err                 # what to save instead
+    assert "add_safe_globals" not in err and "file an issue" not in err and "weights_only=False will" not in err
+    if kind == "other":
+        assert "it fits 'zfnet': pass that model name instead" in err
+
+
+def _command(folder, out_dir):
+    return [sys.executable, "-m", "deconvcuda", "visualize", "--model", "zfnet", "--images", str(folder),
+            "--image-size", "64", "--layers", "features.1,5", "--channels", "0-3", "--top", "2", "--out", str(out_dir)]
+
+
+def _environment():
+    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def test_progress_in_a_log_file_has_no_escape_codes(folder, tmp_path):
+    done = subprocess.run(_command(folder, tmp_path / "out"), capture_output=True, text=True, cwd=tmp_path,
+                          env=_environment(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr and "\x1b" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert any(re.fullmatch(r"visualize: \d+ projections \(\d channels of 2 layers, up to 2 activations each, 1 rule\)",
+                            line) for line in lines), done.stderr
+    assert any(re.fullmatch(r"projections: (\d+)/\1 projections, \d+ s so far", line) for line in lines), done.stderr
+
+
+def test_progress_in_a_terminal_draws_one_bar_at_a_time(folder, tmp_path):
+    import pty
+    import select
+
+    import fcntl
+    import struct
+    import termios
+
+    main, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 24 rows, 100 columns
+    process = subprocess.Popen(_command(folder, tmp_path / "out"), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=secondary, cwd=tmp_path, env=_environment())
+    os.close(secondary)
+    seen = b""
+    while True:
+        ready, _, _ = select.select([main], [], [], 300)
+        if not ready:
+            break
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the process closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(main)
+    assert process.wait(timeout=300) == 0, seen.decode(errors="replace")
+    text = seen.decode(errors="replace")
+    assert "\x1b[A" not in text                      # nested bars move the cursor up: none here
+    assert "projections: 100%" in text
