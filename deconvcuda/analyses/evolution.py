@@ -37,6 +37,8 @@ def read_checkpoint(checkpoint, where: str, caller: str = "evolution") -> Mappin
     if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         raise TypeError(f"{caller}: {where}: expected a state_dict (a mapping from parameter names to tensors) or "
                         f"a path to one, got {type(checkpoint).__name__}")
+    if checkpoint and all(key.startswith("module.") for key in checkpoint):  # saved from DataParallel / DDP
+        checkpoint = {key[len("module."):]: value for key, value in checkpoint.items()}
     return checkpoint
 
 
