@@ -207,6 +207,18 @@ def test_occlusion_equals_brute_force(name, layer, size, window, stride, options
     assert not model.training
 
 
+def test_most_probable_class_equals_brute_force():
+    from deconvcuda.analyses.occlusion import most_probable_class
+
+    model = build("residual")
+    images = torch.randn(2, 3, 20, 18, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    logits = [brute_force_occlusion(model, images, "", unit, (8, 6), (4, 4), 0.0) for unit in range(4)]
+    expected = torch.stack(logits).argmax(0)  # per image and position, the class with the largest logit
+    assert torch.equal(most_probable_class(model, images, window=(8, 6), stride=4), expected)
+    with pytest.raises(ValueError, match="is not flat"):
+        most_probable_class(model, images, "layer1", window=4, stride=4)
+
+
 def test_occlusion_torchvision_graph_models_float32():
     """torchvision's ResNet (one ReLU module called twice per block) and SqueezeNet (cat, ceil_mode)."""
     torchvision = pytest.importorskip("torchvision")
