@@ -4,6 +4,9 @@
     deconvcuda occlusion --layer features.29 --window 32 --stride 16
     deconvcuda invariance --layers features.3,29 --transforms rotate,scale
     deconvcuda evolution --model zfnet --checkpoints epoch1.pt epoch2.pt epoch3.pt --layer features.1
+
+Each command replaces its own section of the page (and its own earlier PNGs); ``visualize`` starts
+the gallery afresh (it removes every file an earlier run recorded), so it runs first.
 """
 from __future__ import annotations
 
