@@ -31,7 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from conftest import (DEVICES, FLOAT_DTYPES, assert_bitwise_equal, assert_close_to_oracle, case_rng, dtype_id,
-                      forward_to_layer, random_tensor, randomize_batch_norms, torch_generator)
+                      forward_to_layer, random_tensor, randomize_batch_norms, rule_seed_map, torch_generator)
 import deconvcuda
 from deconvcuda import engine, reference
 
@@ -99,29 +99,7 @@ class _DeconvMode(TorchFunctionMode):
 
 
 
-def seed_map(out: torch.Tensor, channel=None, position=None, neurons=None, seed: str = "value") -> torch.Tensor:
-    """The DESIGN's seed, shaped like ``out`` (one row per projection): the selected activations keep
-    their value (or 1), everything else is 0. ``channel`` without ``position`` picks each row's first
-    maximum of that map in row-major order; with ``neurons``, row p of ``out`` belongs to neurons[p]."""
-    out = out.detach()
-    if channel is None and neurons is None:
-        return torch.ones_like(out) if seed == "one" else out.clone()
-    rows = torch.arange(out.shape[0])
-    if neurons is not None:
-        channels, ys, xs = neurons[:, 1], neurons[:, 2], neurons[:, 3]
-    else:
-        channels = torch.full_like(rows, channel)
-        if out.dim() == 2:
-            ys = xs = torch.zeros_like(rows)
-        elif position is None:
-            strongest = out[:, channel].flatten(1).argmax(dim=1)  # torch: the first maximum
-            ys, xs = strongest // out.shape[3], strongest % out.shape[3]
-        else:
-            ys, xs = torch.full_like(rows, position[0]), torch.full_like(rows, position[1])
-    index = (rows, channels) if out.dim() == 2 else (rows, channels, ys, xs)
-    g = torch.zeros_like(out)
-    g[index] = 1.0 if seed == "one" else out[index]
-    return g
+seed_map = rule_seed_map  # the DESIGN's seed, shared with the graph models' oracle (conftest)
 
 
 def deconv_oracle(model64: nn.Module, images: torch.Tensor, layer: str, channel=None, position=None, neurons=None, *,
