@@ -120,7 +120,9 @@ def evolution(model: nn.Module, checkpoints: Sequence[Union[Mapping, str, os.Pat
         n_channels = top.values.shape[0]
         bad = [channel for channel in channels if channel >= n_channels]
         if bad:
-            raise ValueError(f"{caller}: channel {bad[0]} is out of range; layer {layer!r} has {n_channels} "
+            from ..engine import OutOfRangeError  # an IndexError and a ValueError, as for project
+
+            raise OutOfRangeError(f"{caller}: channel {bad[0]} is out of range; layer {layer!r} has {n_channels} "
                              f"channels (0..{n_channels - 1})")
         chosen = torch.tensor(channels, dtype=torch.long, device=top.image_index.device)
         image_index = top.image_index[chosen, 0].cpu()

@@ -105,7 +105,9 @@ def _check_channel(channel, n_images: int, n_channels: int, flat: bool, caller: 
         raise TypeError(f"{caller}: channel must be an int, a LongTensor [N] or None, got {type(channel).__name__}")
     bad = channel[(channel < 0) | (channel >= n_channels)]
     if bad.numel():
-        raise ValueError(f"{caller}: {what} {int(bad[0])} is out of range; the layer has {n_channels} "
+        from ..engine import OutOfRangeError  # an IndexError and a ValueError, as for project
+
+        raise OutOfRangeError(f"{caller}: {what} {int(bad[0])} is out of range; the layer has {n_channels} "
                          f"{what}s (0..{n_channels - 1})")
     return channel
 
