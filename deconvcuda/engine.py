@@ -114,15 +114,20 @@ class _Unit:
     run: Callable[[torch.Tensor, At], List[torch.Tensor]]
     grow: Callable[[Windows], Windows]
     windowed: bool
-    inner_channels: List[int]  # channels of the maps a fused chain passes through (for memory bounds)
+    inner_shape: Optional[Tuple[int, ...]] = None  # the map a fused chain passes through (the unpooled one)
+    inner_grow: Optional[Callable[[Windows], Windows]] = None  # its windows, from the output's
 
     def peak_elements(self, windows: Optional[Windows]) -> int:
         """Elements per projection of the largest map this unit touches (full maps, or windows)."""
+        inner = [] if self.inner_shape is None else [numel(self.inner_shape)]
         if windows is None:
-            return max([numel(self.out_shape)] + [numel(s) for s in self.in_shapes])
+            return max([numel(self.out_shape)] + [numel(s) for s in self.in_shapes] + inner)
         grown = self.grow(windows)
-        channels = max([s[0] for s in self.in_shapes] + self.inner_channels)
-        return max(self.out_shape[0] * windows.height * windows.width, channels * grown.height * grown.width)
+        if self.inner_shape is not None:
+            mid = self.inner_grow(windows)
+            inner = [self.inner_shape[0] * mid.height * mid.width]
+        return max([self.out_shape[0] * windows.height * windows.width] + inner +
+                    [s[0] * grown.height * grown.width for s in self.in_shapes])
 
 
 def _fusable_chain(pool: Node, graph: Graph, kernels: _Kernels, rule: str) -> List[Node]:
@@ -157,14 +162,14 @@ def _program(graph: Graph, shapes: Dict[Node, Tuple[int, ...]], saved: Dict[Node
                    pool.reverse_with_relu_conv(g, at, conv, c_in, mid))
             grow = (lambda w, pool=pool, conv=conv.kind: conv.grow(pool.grow(w)))
             program.append(_Unit(node, [conv_input], [shapes[conv_input]], shapes[node], saved.get(node), run, grow,
-                                 True, [shapes[relu][0]]))
+                                 True, shapes[relu], pool.grow))
         elif len(chain) == 1:
             relu_input = chain[0].inputs[0]
             program.append(_Unit(node, [relu_input], [shapes[relu_input]], shapes[node], saved.get(node),
-                                 pool.reverse_with_relu, pool.grow, True, []))
+                                 pool.reverse_with_relu, pool.grow, True))
         else:
             program.append(_Unit(node, list(node.inputs), [shapes[i] for i in node.inputs], shapes[node],
-                                 saved.get(node), node.kind.reverse, node.kind.grow, node.kind.windowed, []))
+                                 saved.get(node), node.kind.reverse, node.kind.grow, node.kind.windowed))
     return program
 
 
