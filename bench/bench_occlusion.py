@@ -4,10 +4,10 @@ Case (the issue's): VGG16 conv3_3 after its ReLU (``features.15`` of torchvision
 weights) at 112x112, a 16 px square at stride 8 (13 x 13 = 169 positions per image), the default
 reduce (total activation of each image's strongest map).
 
-- recompute: ``occlusion_by_recompute``: every occluded image through the whole forward to the layer
-  (the traced graph's functional forward), 64 occluded images per batch: what Captum's Occlusion
-  does, for an intermediate layer;
-- difference: ``deconvcuda.occlusion``: the unoccluded forward once, then per position only each
+- recompute: ``deconvcuda.occlusion(..., method="recompute")``: every occluded image through the
+  whole forward to the layer (the traced graph's functional forward), 64 occluded images per batch:
+  what Captum's Occlusion does, for an intermediate layer;
+- difference: ``deconvcuda.occlusion(..., method="difference")``: the unoccluded forward once, then per position only each
   layer's cone of influence on top of it (256 positions per batch).
 
 Both results are compared (float32, relative 1e-4 of the largest value) before the ratio is
@@ -29,7 +29,6 @@ if __name__ == "__main__":  # run as a script from the repository root or from b
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import deconvcuda  # noqa: E402
-from deconvcuda.analyses.occlusion import occlusion_by_recompute  # noqa: E402
 
 LAYER, SIZE, WINDOW, STRIDE, IMAGES = "features.15", 112, 16, 8, 2
 TARGET_RATIO = 3.0
@@ -61,9 +60,10 @@ def compare(device: str = "cpu"):
     images = torch.randn(IMAGES, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)).to(device)
     options = dict(window=WINDOW, stride=STRIDE)
     deconvcuda.occlusion(model, images[:1], LAYER, window=SIZE // 2, stride=SIZE // 2)  # warm-up: trace, allocator
-    by_difference, difference_seconds = timed(lambda: deconvcuda.occlusion(model, images, LAYER, **options), device)
-    by_recompute, recompute_seconds = timed(lambda: occlusion_by_recompute(model, images, LAYER, batch_size=64,
+    by_difference, difference_seconds = timed(lambda: deconvcuda.occlusion(model, images, LAYER, method="difference",
                                                                            **options), device)
+    by_recompute, recompute_seconds = timed(lambda: deconvcuda.occlusion(model, images, LAYER, method="recompute",
+                                                                         batch_size=64, **options), device)
     scale = float(by_recompute.abs().max())
     worst = float((by_difference - by_recompute).abs().max())
     assert worst <= 1e-4 * scale, f"by difference differs from the recompute by {worst:.3g} (largest value {scale:.3g})"

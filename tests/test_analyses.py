@@ -15,7 +15,6 @@ from torch import nn
 import deconvcuda
 from conftest import DEVICES, forward_to_layer, randomize_batch_norms, small_cnn
 from deconvcuda.analyses import drawing
-from deconvcuda.analyses.occlusion import occlusion_by_recompute
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -196,13 +195,13 @@ def test_occlusion_equals_brute_force(name, layer, size, window, stride, options
         channel = torch.tensor([n_channels - 1, 1])
     expected = brute_force_occlusion(model, images, layer, channel, window, stride, options.get("fill", 0.0),
                                      options.get("reduce", "sum"), options.get("softmax", False))
-    for batch_size in (5, 1000):  # batches that split an image's positions, and one for everything
+    # by difference in batches that split an image's positions and in one for everything; the plain
+    # recompute; and the default, which picks one of them after timing both on the first batch
+    for method, batch_size in (("difference", 5), ("difference", 1000), ("recompute", 7), ("auto", 256)):
         actual = deconvcuda.occlusion(model, images, layer, channel, window=window, stride=stride,
-                                      batch_size=batch_size, **options)
+                                      batch_size=batch_size, method=method, **options)
         assert actual.shape == expected.shape and actual.dtype == images.dtype and actual.device == images.device
-        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(occlusion_by_recompute(model, images, layer, channel, window=window, stride=stride,
-                                                      **options), expected, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9, msg=lambda m: f"{method}: {m}")
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
     assert not model.training
 
@@ -214,7 +213,7 @@ def test_most_probable_class_equals_brute_force():
     images = torch.randn(2, 3, 20, 18, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     logits = [brute_force_occlusion(model, images, "", unit, (8, 6), (4, 4), 0.0) for unit in range(4)]
     expected = torch.stack(logits).argmax(0)  # per image and position, the class with the largest logit
-    assert torch.equal(most_probable_class(model, images, window=(8, 6), stride=4), expected)
+    assert torch.equal(most_probable_class(model, images, window=(8, 6), stride=4, method="difference"), expected)
     with pytest.raises(ValueError, match="is not flat"):
         most_probable_class(model, images, "layer1", window=4, stride=4)
 
@@ -228,7 +227,7 @@ def test_occlusion_torchvision_graph_models_float32():
                          (torchvision.models.squeezenet1_1(num_classes=4), "features.6")):
         model = randomize_batch_norms(model, 1).eval()
         expected = brute_force_occlusion(model, images, layer, None, (12, 12), (10, 10), 0.0)
-        actual = deconvcuda.occlusion(model, images, layer, window=12, stride=10)
+        actual = deconvcuda.occlusion(model, images, layer, window=12, stride=10, method="difference")
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-3 * float(expected.abs().max()))
 
 
@@ -260,6 +259,7 @@ def test_occlusion_window_default_geometry_and_grid_shape():
     ({"softmax": True}, ValueError, "softmax=True needs a flat layer"),
     ({"layer": "features.99"}, ValueError, "unknown layer 'features.99'"),
     ({"batch_size": 0}, ValueError, "batch_size must be a positive int"),
+    ({"method": "fast"}, ValueError, "method must be one of 'auto', 'difference', 'recompute'"),
 ])
 def test_occlusion_bad_input(arguments, error, match):
     model = build("chain")

@@ -18,6 +18,7 @@ means), it runs on whole maps instead; so does everything after it.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -107,12 +108,24 @@ def _avg_pool_divisors(kind, size: Sequence[int], like: torch.Tensor) -> torch.T
     return (sums / averages)[0, 0].round().to(like.dtype)
 
 
+def _timed(function, device: torch.device):
+    """``function()`` and the seconds it took (waiting for the GPU where it runs there)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    result = function()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - started
+
+
 class OcclusionCones:
     """The traced model and, for the images being worked on, every node's unoccluded output."""
 
     def __init__(self, model: nn.Module, layer: str, image_shape: Sequence[int], caller: str):
         self.graph = trace(model, layer, caller=caller)
-        self.graph.shapes(tuple(image_shape), caller=caller)  # a clear error where the images do not fit
+        # per-image output shapes; a clear error where the images do not fit
+        self.shapes = self.graph.node_shapes(tuple(image_shape), caller)
         self.target = self.graph.targets[layer]
         self.nodes: List[Node] = self._needed()
         self._use(None)
@@ -151,18 +164,18 @@ class OcclusionCones:
         cones = {self.graph.input: _Cone(top, top + window[0], left, left + window[1])}
         windows = {self.graph.input: Windows(top, left, window[0], window[1])}
         for node in self.nodes[1:]:
-            output = self.base[node]
-            flat = output.dim() != 4 or any(self.base[i].dim() != 4 for i in node.inputs)
+            size = self.shapes[node][1:]
+            flat = len(size) != 2 or any(len(self.shapes[i]) != 3 for i in node.inputs)
             if flat or not isinstance(node.kind, SPATIAL_KINDS + POINTWISE_KINDS) or any(
                     cones[i].whole for i in node.inputs):  # once whole, whole from there on
                 cone = _Cone(top, top, left, left, whole=True)
             elif isinstance(node.kind, SPATIAL_KINDS):
-                cone = _through(node.kind, cones[node.inputs[0]], output.shape[2:])
+                cone = _through(node.kind, cones[node.inputs[0]], size)
             else:  # pointwise: the same positions; where branches meet, the union
                 cone = cones[node.inputs[0]]
                 for other in node.inputs[1:]:
                     cone = cone.union(cones[other])
-            windows[node] = _windows_holding(cone, output.shape[2:])
+            windows[node] = None if cone.whole else _windows_holding(cone, size)
             if windows[node] is None:
                 cone = _Cone(top, top, left, left, whole=True)
             cones[node] = cone
@@ -245,12 +258,18 @@ class OcclusionCones:
     # -- the values ----------------------------------------------------------------------------- #
 
     def values(self, images: torch.Tensor, corners: torch.Tensor, window: Tuple[int, int], fill: torch.Tensor,
-               channels: torch.Tensor, value_of, *, batch_size: int, progress: bool) -> torch.Tensor:
+               channels: torch.Tensor, value_of, *, batch_size: int, progress: bool,
+               method: str = "auto") -> torch.Tensor:
         """Per image and occluder position (``corners`` [P, 2]; image-major), ``value_of(output, channel)``
         of the target's occluded output, where ``output`` is the chosen channel's map [B, 1, h, w]
         (then ``channel`` is 0) or the flat output [B, F] (``channel`` indexes it). Returns [N * P].
-        Images go through in groups small enough that a group's positions fill about one batch, so
-        the unoccluded outputs kept are those of one group, not of every image."""
+
+        method: "difference" (the cones), "recompute" (each occluded image through the whole forward)
+        or "auto": the first batch both ways, then the faster. Where the cones cover the maps after a
+        few layers (small images, large squares) and a graph has hundreds of small nodes (DenseNet),
+        assembling the cones can cost more than it saves. Images go through in groups small enough
+        that a group's positions fill about one batch, so the unoccluded outputs kept are those of one
+        group, not of every image."""
         from tqdm.auto import tqdm
 
         n_positions = corners.shape[0]
@@ -261,22 +280,47 @@ class OcclusionCones:
             with torch.no_grad():
                 for first in range(0, images.shape[0], per_group):
                     group = images[first:first + per_group]
-                    self._use(group)
-                    windows = self._windows(corners, window)
-                    grown = {node: node.kind.grow(windows[node]) for node in self.nodes[1:]
-                             if windows[node] is not None and isinstance(node.kind, SPATIAL_KINDS)}
+                    if method == "recompute":
+                        self._use(None)
+                        self.images = group
+                    else:
+                        self._use(group)
+                        windows = self._windows(corners, window)
+                        grown = {node: node.kind.grow(windows[node]) for node in self.nodes[1:]
+                                 if windows[node] is not None and isinstance(node.kind, SPATIAL_KINDS)}
                     total = group.shape[0] * n_positions
                     for start in range(0, total, batch_size):
                         index = torch.arange(start, min(start + batch_size, total), device=images.device)
                         rows_images, rows = index // n_positions, index % n_positions
                         chosen = channels[first + rows_images]
-                        output = self._occluded_target(windows, grown, rows_images, rows, fill, window, chosen)
+
+                        def by_difference():
+                            return self._occluded_target(windows, grown, rows_images, rows, fill, window, chosen)
+
+                        def by_recompute():
+                            return self._recomputed_target(rows_images, corners[rows], fill, window, chosen)
+
+                        if method == "auto":
+                            output, seconds = _timed(by_difference, images.device)
+                            _, recompute_seconds = _timed(by_recompute, images.device)
+                            method = "difference" if seconds <= recompute_seconds else "recompute"
+                        else:
+                            output = by_difference() if method == "difference" else by_recompute()
                         results.append(value_of(output, chosen if output.dim() == 2 else torch.zeros_like(chosen)))
                         bar.update(index.shape[0])
         finally:
             bar.close()
             self._use(None)
         return torch.cat(results)
+
+    def _recomputed_target(self, rows_images, corners, fill, window, chosen) -> torch.Tensor:
+        """One batch of (image, position) rows the plain way: each occluded image through the forward."""
+        from .occlusion import occluded_images
+
+        output = self.graph.run(occluded_images(self.images[rows_images], corners, window, fill))[self.graph.layers[0]]
+        if output.dim() == 2:
+            return output
+        return output[torch.arange(output.shape[0], device=output.device), chosen][:, None]
 
     def _occluded_target(self, windows, grown, images, rows, fill, window, chosen) -> torch.Tensor:
         """One batch of (image, position) rows through the cones: the target's chosen channel's whole

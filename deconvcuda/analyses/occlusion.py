@@ -20,7 +20,7 @@ from torch import nn
 
 from .outputs import layer_list
 
-__all__ = ["occlusion", "most_probable_class", "occluder_grid", "occluded_images", "occlusion_by_recompute"]
+__all__ = ["occlusion", "most_probable_class", "occluder_grid", "occluded_images", "METHODS"]
 
 Pair = Tuple[int, int]
 
@@ -181,7 +181,7 @@ def _corners(grid: Pair, stride: Pair, device) -> torch.Tensor:
 
 def occlusion(model: nn.Module, images: torch.Tensor, layer: str, channel=None, *, window=16, stride=8,
               fill=0.0, reduce: str = "sum", softmax: bool = False,
-              batch_size: int = POSITIONS_PER_BATCH, progress: bool = False) -> torch.Tensor:
+              batch_size: int = POSITIONS_PER_BATCH, progress: bool = False, method: str = "auto") -> torch.Tensor:
     """How ``channel`` of ``layer`` responds to a ``window`` square of ``fill`` slid over each image.
 
     images: ``[N, C, H, W]`` model input. The occluder's top-left corner is at ``(i * stride_h,
@@ -192,30 +192,36 @@ def occlusion(model: nn.Module, images: torch.Tensor, layer: str, channel=None, 
     unoccluded image: the paper's "strongest feature map"). reduce: "sum" (the total activation) or
     "max". For a flat layer ``[N, F]`` the value is the unit's activation, with ``softmax=True`` its
     softmax probability. batch_size: occluder positions computed together. progress: a tqdm bar.
+    method: "difference" (each position recomputes only its cone of influence in each layer, on top
+    of the unoccluded activations), "recompute" (each occluded image through the whole forward), or
+    "auto" (the default: the first batch both ways, then the faster; the same values either way).
 
     Returns ``[N, R, C_cols]`` in the images' dtype, on their device.
     """
     caller = "occlusion"
     window, stride, grid, fill = _prepare(model, images, layer, window, stride, fill, reduce, softmax, caller)
     _check_batch_size(batch_size, caller)
+    _check_method(method, caller)
     from .cone import OcclusionCones
 
     cones = OcclusionCones(model, layer, images.shape[1:], caller)
     channels = _resolve_channel(cones.unoccluded_output(images), channel, reduce, softmax, caller)
     corners = _corners(grid, stride, images.device)
     values = cones.values(images, corners, window, fill, channels, lambda out, ch: _values(out, ch, reduce, softmax),
-                          batch_size=batch_size, progress=progress)
+                          batch_size=batch_size, progress=progress, method=method)
     return values.reshape(images.shape[0], grid[0], grid[1]).to(images.dtype)
 
 
 def most_probable_class(model: nn.Module, images: torch.Tensor, layer: str = "", *, window=16, stride=8, fill=0.0,
-                        batch_size: int = POSITIONS_PER_BATCH, progress: bool = False) -> torch.Tensor:
+                        batch_size: int = POSITIONS_PER_BATCH, progress: bool = False,
+                        method: str = "auto") -> torch.Tensor:
     """Per image and occluder position (as :func:`occlusion` places them), the unit with the largest
     value in the flat ``layer`` (default the model's output: the most probable class, Fig. 7's last
-    column). Returns a LongTensor ``[N, R, C_cols]``."""
+    column). method: as for :func:`occlusion`. Returns a LongTensor ``[N, R, C_cols]``."""
     caller = "most_probable_class"
     window, stride, grid, fill = _prepare(model, images, layer, window, stride, fill, "sum", False, caller)
     _check_batch_size(batch_size, caller)
+    _check_method(method, caller)
     from .cone import OcclusionCones
 
     cones = OcclusionCones(model, layer, images.shape[1:], caller)
@@ -225,42 +231,20 @@ def most_probable_class(model: nn.Module, images: torch.Tensor, layer: str = "",
                          "pass a classifier's output")
     unused = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
     classes = cones.values(images, _corners(grid, stride, images.device), window, fill, unused,
-                           lambda output, _: output.argmax(dim=1), batch_size=batch_size, progress=progress)
+                           lambda output, _: output.argmax(dim=1), batch_size=batch_size, progress=progress,
+                           method=method)
     return classes.reshape(images.shape[0], grid[0], grid[1])
+
+
+METHODS = ("auto", "difference", "recompute")
+
+
+def _check_method(method, caller: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"{caller}: method must be one of {', '.join(repr(m) for m in METHODS)}, got {method!r}")
 
 
 def _check_batch_size(batch_size, caller: str) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"{caller}: batch_size must be a positive int (occluder positions per batch), "
                          f"got {batch_size!r}")
-
-
-def occlusion_by_recompute(model: nn.Module, images: torch.Tensor, layer: str, channel=None, *, window=16,
-                           stride=8, fill=0.0, reduce: str = "sum", softmax: bool = False,
-                           batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-    """The same as :func:`occlusion`, computed the plain way: every occluded image through the whole
-    forward, ``batch_size`` occluded images at a time. The baseline the difference is measured against."""
-    from tqdm.auto import tqdm
-
-    caller = "occlusion_by_recompute"
-    window, stride, grid, fill = _prepare(model, images, layer, window, stride, fill, reduce, softmax, caller)
-    _check_batch_size(batch_size, caller)
-    from ..graph import trace
-
-    graph = trace(model, layer, caller=caller)  # once: every batch runs the same graph
-    graph.shapes(tuple(images.shape[1:]), caller=caller)
-    with torch.no_grad():
-        output = graph.run(images)[layer]
-        channels = _resolve_channel(output, channel, reduce, softmax, caller)
-        corners = _corners(grid, stride, images.device)
-        n_positions = corners.shape[0]
-        total = images.shape[0] * n_positions
-        values = []
-        for start in tqdm(range(0, total, batch_size), desc=f"occlusion {layer}", unit="batch",
-                          disable=not progress):
-            rows = torch.arange(start, min(start + batch_size, total), device=images.device)
-            image_rows = rows // n_positions
-            batch = occluded_images(images[image_rows], corners[rows % n_positions], window, fill)
-            output = graph.run(batch)[layer]
-            values.append(_values(output, channels[image_rows], reduce, softmax))
-    return torch.cat(values).reshape(images.shape[0], grid[0], grid[1]).to(images.dtype)
