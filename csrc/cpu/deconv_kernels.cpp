@@ -503,21 +503,27 @@ void unpool_relu_deconv2d_kernel(const scalar_t* grad, const bool* positive, con
   }
 }
 
-// The width B of the channel blocks of pass 3: the whole of a small c_in / groups, else 32 or 64
-// (two or four AVX-512 registers of float32 accumulators, four or eight AVX2 ones). Wider blocks
-// walk the compressed rows fewer times; measured on AlexNet's and VGG16's layers (bench/), 64 beats
-// 32 where c_in allows, even though a block's weights then outgrow L2 for 512 channels.
+// Bytes of one block's packed weights (kh * kw * C_out / groups * B values) that pass 3 keeps
+// re-reading, at random c_out: they should stay in the core's L2 cache (1 MiB on current x86 server
+// cores), next to the compressed rows.
+constexpr int64_t kWeightBlockBytes = int64_t(640) << 10;
+
+// The width B of the channel blocks of pass 3: the whole of a small c_in / groups, else the widest
+// of 64, 32 and 16 (float32: four, two, one AVX-512 registers of accumulators) whose block of
+// packed weights fits kWeightBlockBytes. Wider blocks walk the compressed rows fewer times; a block
+// that outgrows L2 waits on memory (measured on AlexNet's and VGG16's layers with bench/).
 template <typename F>
-void with_channel_block(int64_t in_per_group, F&& f) {
+void with_channel_block(int64_t in_per_group, int64_t block_bytes_per_channel, F&& f) {
+  const auto fits = [&](int64_t b) { return b * block_bytes_per_channel <= kWeightBlockBytes; };
   if (in_per_group <= 1) {
     f(std::integral_constant<int, 1>());
   } else if (in_per_group <= 4) {
     f(std::integral_constant<int, 4>());
   } else if (in_per_group <= 8) {
     f(std::integral_constant<int, 8>());
-  } else if (in_per_group <= 16) {
+  } else if (in_per_group <= 16 || !fits(32)) {
     f(std::integral_constant<int, 16>());
-  } else if (in_per_group <= 32) {
+  } else if (in_per_group <= 32 || !fits(64)) {
     f(std::integral_constant<int, 32>());
   } else {
     f(std::integral_constant<int, 64>());
@@ -530,12 +536,24 @@ at::Tensor pack_weight(const at::Tensor& weight, int64_t groups, int64_t block, 
   const int64_t out_per_group = weight.size(0) / groups;
   const int64_t in_per_group = weight.size(1);
   const int64_t blocks = (in_per_group + block - 1) / block;
-  at::Tensor padded = at::zeros({weight.size(0), blocks * block, weight.size(2), weight.size(3)},
+  // One strided copy (with the cast) into the packed layout; zeros only where a last block is partial.
+  at::Tensor packed = at::empty({groups, blocks, weight.size(2), weight.size(3), out_per_group, block},
                                 weight.options().dtype(dtype));
-  padded.narrow(1, 0, in_per_group).copy_(weight);
-  return padded.view({groups, out_per_group, blocks, block, weight.size(2), weight.size(3)})
-      .permute({0, 2, 4, 5, 1, 3})
-      .contiguous();
+  const int64_t whole = in_per_group / block;  // blocks without padding
+  if (whole > 0) {
+    packed.narrow(1, 0, whole).copy_(weight.narrow(1, 0, whole * block)
+                                         .view({groups, out_per_group, whole, block, weight.size(2), weight.size(3)})
+                                         .permute({0, 2, 4, 5, 1, 3}));
+  }
+  if (whole < blocks) {
+    const int64_t rest = in_per_group - whole * block;
+    at::Tensor last = packed.narrow(1, whole, 1);
+    last.zero_();
+    last.narrow(5, 0, rest).copy_(weight.narrow(1, whole * block, rest)
+                                      .view({groups, out_per_group, 1, rest, weight.size(2), weight.size(3)})
+                                      .permute({0, 2, 4, 5, 1, 3}));
+  }
+  return packed;
 }
 
 // --------------------------------------------------------------------------------------------- //
@@ -636,7 +654,9 @@ at::Tensor unpool_relu_deconv2d_cpu(const at::Tensor& grad, const at::Tensor& sw
   const checks::Mask mask(positive);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "unpool_relu_deconv2d", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    with_channel_block(weight.size(1), [&](auto block) {
+    const int64_t block_bytes_per_channel =
+        weight.size(2) * weight.size(3) * (weight.size(0) / groups) * static_cast<int64_t>(sizeof(acc_t));
+    with_channel_block(weight.size(1), block_bytes_per_channel, [&](auto block) {
       constexpr int B = decltype(block)::value;
       const at::Tensor weight_packed = pack_weight(weight, groups, B, c10::CppTypeToScalarType<acc_t>::value);
       rules::dispatch_rule(geometry.rule, mask.present(), [&](auto rule_type) {
