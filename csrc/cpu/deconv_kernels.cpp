@@ -22,10 +22,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <memory>
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#endif
 
 #include "common/checks.h"
 #include "common/geometry.h"
@@ -145,108 +151,242 @@ void unpool_relu_kernel(const scalar_t* grad, const bool* positive, const uint8_
 //
 // Three passes over a chunk of samples; none of them writes the unpooled map.
 //
-// 1. Per (n, c_out) plane: the list of the unpooled map's non-zero values, at most one per pooled
-//    window (the position its switch selects; where windows overlap, each position once, from the
-//    first window that selects it, carrying the summed value). ReLU zeros are dropped here, so
-//    everything after scales with the number of non-zero values, not with the map's size.
+// 1. Per (n, c_out) plane, one walk over the pooled values: the list of the unpooled map's non-zero
+//    values, at most one per pooled window (the position its switch selects; where windows overlap,
+//    each position once, from the first window that selects it, carrying the summed value). Zeros
+//    (the relu's, the mask's) are dropped here, so everything after scales with the number of
+//    routed values, not with the map's size.
 // 2. Per (n, group): those lists regrouped by position (compressed rows: for every unpooled
 //    position, the (c_out, value) pairs routed there, in increasing c_out).
-// 3. A gather per output row and block of B channels of c_in: every output position (y, x) visits
-//    the unpooled positions its transposed-conv taps reach (the conv windows that contain it), and
-//    for each pair routed there adds value * weight[c_out, c_in, ky, kx] for the B channels at once,
-//    in registers. The weight is packed as [group, c_in block, kh, kw, c_out, B] so that those B
-//    weights are contiguous.
+// 3. A gather per output row and block of B input channels: every output position (y, x) visits
+//    the unpooled positions its transposed-conv taps reach (tables made once per call, so no
+//    division in the loops), and for each value routed there reads ONE filter tap, the B weights
+//    weight[c_out, block, ky, kx], contiguous in the packed layout [group, block, kh, kw, c_out, B]
+//    (channels last, made once per call), and adds value * weights to B accumulators held in
+//    registers: B-wide vector FMAs, no scalar loop over one channel (with_channel_block picks B).
 //
-// Each output element is computed by one thread in a fixed order (unpooled position, then c_out),
-// so results are the same for any number of threads.
+// The multiply-adds are an explicit fma. Pass 3 is compiled twice: for the build's baseline ISA,
+// and, on x86-64, for AVX2 + FMA, picked at run time when the CPU has them (the build's flags are
+// the baseline's: a wheel built here must run on any x86-64). Each output element is computed by
+// one task in a fixed order (unpooled position, then c_out), so results are the same for any
+// number of threads, and on one machine bit for bit.
 
 template <typename acc_t>
 struct UnpooledValue {
-  int64_t y;  // position in the unpooled map (the conv's output): [0, unpooled_h) x [0, unpooled_w)
-  int64_t x;
-  acc_t value;  // relu(unpooled sum), never zero
+  int32_t position;  // y * unpooled_w + x in the unpooled map (the conv's output; < 2^31: checked by the op)
+  acc_t value;       // the rule's finish of the unpooled sum, never zero
 };
 
 template <typename acc_t>
 struct RoutedValue {
-  int64_t channel;  // c_out within its group
+  int32_t channel;  // c_out within its group (< 2^31: checked by the op)
   acc_t value;
 };
 
-// Pass 1 for one plane under the rule `Rule` (rules.h); returns how many values it wrote.
+// Pass 1 for one plane under the rule `Rule` (rules.h); returns how many values it wrote. Where
+// windows overlap, several may select one position: their values are first summed in `sums` (the
+// plane's unpooled map, all zero on entry and on return), in row-major window order (the gather's
+// order, geometry::unpooled_sum), and the position is listed once, at the first window selecting it.
 template <typename Rule, typename scalar_t, typename acc_t>
 int64_t collect_unpooled_values(const scalar_t* grad, const bool* positive, const uint8_t* switches,
-                                int64_t pooled_h, int64_t pooled_w,
-                                int64_t unpooled_h, int64_t unpooled_w, const Pool2d& pool,
-                                UnpooledValue<acc_t>* values) {
-  const bool overlapping = geometry::windows_overlap(pool.kernel_h, pool.stride_h, pool.dilation_h) ||
-                           geometry::windows_overlap(pool.kernel_w, pool.stride_w, pool.dilation_w);
-  const int64_t taps = pool.kernel_h * pool.kernel_w;
+                                int64_t pooled_h, int64_t pooled_w, int64_t unpooled_h, int64_t unpooled_w,
+                                const Pool2d& pool, const TapOffsets& offsets, bool overlapping, acc_t* sums,
+                                uint8_t* listed, UnpooledValue<acc_t>* values) {
+  // the selected position of pooled value `index`, or -1 where it routes nothing
+  const auto target = [&](int64_t py, int64_t px, int64_t index) -> int64_t {
+    const int64_t tap = switches[index];
+    if (tap >= offsets.taps || !Rule::routes(positive, index)) return -1;  // no tap, or masked
+    const int64_t y = py * pool.stride_h - pool.padding_h + offsets.dy[tap];
+    const int64_t x = px * pool.stride_w - pool.padding_w + offsets.dx[tap];
+    if (y < 0 || y >= unpooled_h || x < 0 || x >= unpooled_w) return -1;  // a tap in the padding
+    return y * unpooled_w + x;
+  };
   int64_t count = 0;
+  if (!overlapping) {
+    for (int64_t py = 0; py < pooled_h; ++py) {
+      for (int64_t px = 0; px < pooled_w; ++px) {
+        const int64_t index = py * pooled_w + px;
+        const int64_t position = target(py, px, index);
+        if (position < 0) continue;
+        const acc_t value = Rule::finish(static_cast<acc_t>(grad[index]));
+        // A zero adds nothing to any sum (the accumulators start at +0, so not even a sign is lost).
+        if (value != acc_t(0)) values[count++] = UnpooledValue<acc_t>{static_cast<int32_t>(position), value};
+      }
+    }
+    return count;
+  }
   for (int64_t py = 0; py < pooled_h; ++py) {
     for (int64_t px = 0; px < pooled_w; ++px) {
-      const int64_t tap = switches[py * pooled_w + px];
-      if (tap >= taps) continue;  // names no tap of the window: routes nothing
-      const int64_t y = geometry::position_of(py, tap / pool.kernel_w, pool.stride_h, pool.padding_h, pool.dilation_h);
-      const int64_t x = geometry::position_of(px, tap % pool.kernel_w, pool.stride_w, pool.padding_w, pool.dilation_w);
-      if (y < 0 || y >= unpooled_h || x < 0 || x >= unpooled_w) continue;  // a tap in the padding
-      acc_t value;
-      if (overlapping) {
-        // Other windows may select (y, x) too: the first of them carries the whole sum, the others
-        // nothing, so that the position counts once.
-        if (!geometry::first_window_selecting(switches, pooled_w, 1, pooled_h, pooled_w, pool, y, x, py, px)) {
-          continue;
-        }
-        value = Rule::finish(geometry::unpooled_sum<Rule, scalar_t, acc_t>(grad, positive, switches, pooled_w, 1,
-                                                                           pooled_w, 1, pooled_h, pooled_w, pool, y, x));
-      } else {
-        if (!Rule::routes(positive, py * pooled_w + px)) continue;
-        value = Rule::finish(static_cast<acc_t>(grad[py * pooled_w + px]));
+      const int64_t index = py * pooled_w + px;
+      const int64_t position = target(py, px, index);
+      if (position >= 0) sums[position] += static_cast<acc_t>(grad[index]);
+    }
+  }
+  for (int64_t py = 0; py < pooled_h; ++py) {
+    for (int64_t px = 0; px < pooled_w; ++px) {
+      const int64_t position = target(py, px, py * pooled_w + px);
+      if (position < 0 || listed[position]) continue;
+      listed[position] = 1;
+      const acc_t value = Rule::finish(sums[position]);
+      if (value != acc_t(0)) values[count++] = UnpooledValue<acc_t>{static_cast<int32_t>(position), value};
+    }
+  }
+  for (int64_t py = 0; py < pooled_h; ++py) {  // leave sums and listed all zero, touching only what was used
+    for (int64_t px = 0; px < pooled_w; ++px) {
+      const int64_t position = target(py, px, py * pooled_w + px);
+      if (position >= 0) {
+        listed[position] = 0;
+        sums[position] = acc_t(0);
       }
-      // A zero adds nothing to any sum (the accumulators start at +0, so not even a sign is lost).
-      if (value == acc_t(0)) continue;
-      values[count++] = UnpooledValue<acc_t>{y, x, value};
     }
   }
   return count;
 }
 
-// Pass 3 for one output row of one sample, group and block of B channels. `routed` and `offsets`
-// are the sample's and group's compressed rows; `weight` points at the packed [kh, kw, c_out, B]
-// weights of the group and block; `row` is scratch for [output_w, B] accumulators.
-template <int B, typename acc_t>
-void gather_output_row(const RoutedValue<acc_t>* routed, const int64_t* offsets, const acc_t* weight,
-                       int64_t out_per_group, int64_t unpooled_h, int64_t unpooled_w, const Conv2d& conv, int64_t y,
-                       int64_t output_w, acc_t* row) {
-  const int64_t tap_stride = out_per_group * B;  // between consecutive (ky, kx) in `weight`
-  const auto unpooled_rows =
-      geometry::windows_spanning(y, unpooled_h, conv.kernel_h, conv.stride_h, conv.padding_h, conv.dilation_h);
-  for (int64_t x = 0; x < output_w; ++x) {
-    acc_t acc[B] = {};
-    const auto unpooled_cols =
-        geometry::windows_spanning(x, unpooled_w, conv.kernel_w, conv.stride_w, conv.padding_w, conv.dilation_w);
-    for (int64_t oy = unpooled_rows.first; oy <= unpooled_rows.last; ++oy) {
-      // The conv window oy reads row y through tap ky (or not at all, where dilation skips it).
-      const int64_t ky = geometry::tap_of(y, oy, conv.kernel_h, conv.stride_h, conv.padding_h, conv.dilation_h);
-      if (ky == geometry::kNoTap) continue;
-      for (int64_t ox = unpooled_cols.first; ox <= unpooled_cols.last; ++ox) {
-        const int64_t kx = geometry::tap_of(x, ox, conv.kernel_w, conv.stride_w, conv.padding_w, conv.dilation_w);
-        if (kx == geometry::kNoTap) continue;
-        const acc_t* tap_weight = weight + (ky * conv.kernel_w + kx) * tap_stride;
-        const int64_t position = oy * unpooled_w + ox;
-        for (int64_t i = offsets[position]; i < offsets[position + 1]; ++i) {
-          const RoutedValue<acc_t> routed_value = routed[i];
-          const acc_t* channel_weight = tap_weight + routed_value.channel * B;
-          for (int c = 0; c < B; ++c) {
-            acc[c] += channel_weight[c] * routed_value.value;
-          }
-        }
+// For every output coordinate along one axis, the conv windows (unpooled positions) whose taps
+// reach it and the tap that does: entries [begin[o], begin[o + 1]) of `window` and `tap`.
+struct TapTable {
+  std::vector<int64_t> begin;
+  std::vector<int64_t> window;
+  std::vector<int64_t> tap;
+
+  TapTable(int64_t outputs, int64_t windows, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
+    begin.reserve(outputs + 1);
+    for (int64_t o = 0; o < outputs; ++o) {
+      begin.push_back(static_cast<int64_t>(window.size()));
+      const auto range = geometry::windows_spanning(o, windows, kernel, stride, padding, dilation);
+      for (int64_t w = range.first; w <= range.last; ++w) {
+        const int64_t t = geometry::tap_of(o, w, kernel, stride, padding, dilation);
+        if (t == geometry::kNoTap) continue;  // dilation skips o
+        window.push_back(w);
+        tap.push_back(t);
       }
     }
-    for (int c = 0; c < B; ++c) {
-      row[x * B + c] = acc[c];
-    }
+    begin.push_back(static_cast<int64_t>(window.size()));
   }
+};
+
+// What pass 3 reads, for one (sample, group): the compressed rows of pass 2, the packed weights of
+// one channel block, the tap tables.
+template <typename acc_t>
+struct GatherArgs {
+  const RoutedValue<acc_t>* routed;
+  const int64_t* offsets;  // [unpooled_h * unpooled_w + 1]
+  const acc_t* weight;     // [kh, kw, out_per_group, B]
+  int64_t out_per_group;
+  int64_t unpooled_w;
+  int64_t kernel_w;
+  const TapTable* rows;
+  const TapTable* cols;
+  int64_t output_w;
+};
+
+// Pass 3's loop, once per instruction set (csrc/cpu/gather_row.h says why it is included thrice).
+namespace baseline {
+// One lane, plain multiply-add (std::fma is a library call without FMA hardware); the compiler
+// may vectorise it for what the baseline has.
+template <typename acc_t>
+struct Lanes {
+  using value_t = acc_t;
+  using vec_t = acc_t;
+  static constexpr int width = 1;
+  static constexpr int accumulators = 8;
+  static inline vec_t zero() { return acc_t(0); }
+  static inline vec_t add(vec_t a, vec_t b) { return a + b; }
+  static inline vec_t broadcast(acc_t value) { return value; }
+  static inline vec_t load(const acc_t* p) { return *p; }
+  static inline void store(acc_t* p, vec_t v) { *p = v; }
+  static inline vec_t fma(vec_t a, vec_t b, vec_t c) { return c + a * b; }
+};
+#include "cpu/gather_row.h"
+}  // namespace baseline
+
+template <int B, typename acc_t>
+using GatherRowFn = void (*)(const GatherArgs<acc_t>&, int64_t, acc_t*);
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// AVX2 + FMA (x86-64 since 2013) and AVX-512F, compiled for that ISA only and called only where
+// the CPU reports it (__builtin_cpu_supports), so the rest of the library keeps the build's
+// baseline ISA and the same wheel runs on any x86-64.
+#define DECONV_X86_SIMD 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+struct FloatLanes {
+  using value_t = float;
+  using vec_t = __m256;
+  static constexpr int width = 8;
+  static constexpr int accumulators = 8;  // of 16 vector registers: half for accumulators
+  static inline vec_t zero() { return _mm256_setzero_ps(); }
+  static inline vec_t add(vec_t a, vec_t b) { return _mm256_add_ps(a, b); }
+  static inline vec_t broadcast(float value) { return _mm256_set1_ps(value); }
+  static inline vec_t load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void store(float* p, vec_t v) { _mm256_storeu_ps(p, v); }
+  static inline vec_t fma(vec_t a, vec_t b, vec_t c) { return _mm256_fmadd_ps(a, b, c); }
+};
+struct DoubleLanes {
+  using value_t = double;
+  using vec_t = __m256d;
+  static constexpr int width = 4;
+  static constexpr int accumulators = 8;  // of 16 vector registers: half for accumulators
+  static inline vec_t zero() { return _mm256_setzero_pd(); }
+  static inline vec_t add(vec_t a, vec_t b) { return _mm256_add_pd(a, b); }
+  static inline vec_t broadcast(double value) { return _mm256_set1_pd(value); }
+  static inline vec_t load(const double* p) { return _mm256_loadu_pd(p); }
+  static inline void store(double* p, vec_t v) { _mm256_storeu_pd(p, v); }
+  static inline vec_t fma(vec_t a, vec_t b, vec_t c) { return _mm256_fmadd_pd(a, b, c); }
+};
+#include "cpu/gather_row.h"
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace avx512 {
+struct FloatLanes {
+  using value_t = float;
+  using vec_t = __m512;
+  static constexpr int width = 16;
+  static constexpr int accumulators = 16;  // of 32 vector registers: half for accumulators
+  static inline vec_t zero() { return _mm512_setzero_ps(); }
+  static inline vec_t add(vec_t a, vec_t b) { return _mm512_add_ps(a, b); }
+  static inline vec_t broadcast(float value) { return _mm512_set1_ps(value); }
+  static inline vec_t load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline void store(float* p, vec_t v) { _mm512_storeu_ps(p, v); }
+  static inline vec_t fma(vec_t a, vec_t b, vec_t c) { return _mm512_fmadd_ps(a, b, c); }
+};
+struct DoubleLanes {
+  using value_t = double;
+  using vec_t = __m512d;
+  static constexpr int width = 8;
+  static constexpr int accumulators = 16;  // of 32 vector registers: half for accumulators
+  static inline vec_t zero() { return _mm512_setzero_pd(); }
+  static inline vec_t add(vec_t a, vec_t b) { return _mm512_add_pd(a, b); }
+  static inline vec_t broadcast(double value) { return _mm512_set1_pd(value); }
+  static inline vec_t load(const double* p) { return _mm512_loadu_pd(p); }
+  static inline void store(double* p, vec_t v) { _mm512_storeu_pd(p, v); }
+  static inline vec_t fma(vec_t a, vec_t b, vec_t c) { return _mm512_fmadd_pd(a, b, c); }
+};
+#include "cpu/gather_row.h"
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
+// The pass-3 function for this CPU and block width: the widest vectors that divide B.
+template <int B, typename acc_t>
+GatherRowFn<B, acc_t> gather_output_row_for_this_cpu() {
+#ifdef DECONV_X86_SIMD
+  constexpr bool is_float = std::is_same_v<acc_t, float>;
+  using Avx512 = std::conditional_t<is_float, avx512::FloatLanes, avx512::DoubleLanes>;
+  using Avx2 = std::conditional_t<is_float, avx2::FloatLanes, avx2::DoubleLanes>;
+  if constexpr (B % Avx512::width == 0) {
+    if (__builtin_cpu_supports("avx512f")) return &avx512::gather_output_row<B, Avx512>;
+  }
+  if constexpr (B % Avx2::width == 0) {
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &avx2::gather_output_row<B, Avx2>;
+  }
+#endif
+  return &baseline::gather_output_row<B, baseline::Lanes<acc_t>>;
 }
 
 // Unpooled values held at once (passes 1 and 2 of a chunk of samples): bounds the scratch memory
@@ -268,10 +408,16 @@ void unpool_relu_deconv2d_kernel(const scalar_t* grad, const bool* positive, con
   const int64_t pooled_area = pooled_h * pooled_w;
   const int64_t unpooled_area = unpooled_h * unpooled_w;
   const int64_t packed_block_size = conv.kernel_h * conv.kernel_w * out_per_group * B;
+  const TapOffsets tap_offsets(pool);
+  const TapTable rows(output_h, unpooled_h, conv.kernel_h, conv.stride_h, conv.padding_h, conv.dilation_h);
+  const TapTable cols(output_w, unpooled_w, conv.kernel_w, conv.stride_w, conv.padding_w, conv.dilation_w);
+  const GatherRowFn<B, acc_t> gather_output_row = gather_output_row_for_this_cpu<B, acc_t>();
+  const bool overlapping = geometry::windows_overlap(pool.kernel_h, pool.stride_h, pool.dilation_h) ||
+                           geometry::windows_overlap(pool.kernel_w, pool.stride_w, pool.dilation_w);
 
   const int64_t values_per_sample = std::max<int64_t>(1, conv_out_channels * pooled_area);
   const int64_t chunk = std::clamp<int64_t>(kValuesPerChunk / values_per_sample, 1, batch);
-  // Every list may be full (no ReLU zero, no repeated position), so each plane gets pooled_area.
+  // Every list may be full (no zero, no repeated position), so each plane gets pooled_area.
   std::unique_ptr<UnpooledValue<acc_t>[]> values(new UnpooledValue<acc_t>[chunk * conv_out_channels * pooled_area]);
   std::unique_ptr<RoutedValue<acc_t>[]> routed(new RoutedValue<acc_t>[chunk * conv_out_channels * pooled_area]);
   std::vector<int64_t> counts(chunk * conv_out_channels);
@@ -282,11 +428,14 @@ void unpool_relu_deconv2d_kernel(const scalar_t* grad, const bool* positive, con
 
     // Pass 1: the non-zero unpooled values of every plane.
     at::parallel_for(0, samples * conv_out_channels, grain_for(pooled_area * 4), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> sums(overlapping ? unpooled_area : 0, acc_t(0));
+      std::vector<uint8_t> listed(overlapping ? unpooled_area : 0, 0);
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t offset = (n0 * conv_out_channels + plane) * pooled_area;
         counts[plane] = collect_unpooled_values<Rule, scalar_t, acc_t>(
             grad + offset, Rule::masked ? positive + offset : nullptr, switches + offset, pooled_h, pooled_w,
-            unpooled_h, unpooled_w, pool, values.get() + plane * pooled_area);
+            unpooled_h, unpooled_w, pool, tap_offsets, overlapping, sums.data(), listed.data(),
+            values.get() + plane * pooled_area);
       }
     });
 
@@ -301,7 +450,7 @@ void unpool_relu_deconv2d_kernel(const scalar_t* grad, const bool* positive, con
         for (int64_t channel = 0; channel < out_per_group; ++channel) {
           const UnpooledValue<acc_t>* list = values.get() + (first_plane + channel) * pooled_area;
           for (int64_t i = 0; i < counts[first_plane + channel]; ++i) {
-            ++position_offsets[list[i].y * unpooled_w + list[i].x + 1];
+            ++position_offsets[list[i].position + 1];
           }
         }
         for (int64_t position = 0; position < unpooled_area; ++position) {
@@ -312,13 +461,14 @@ void unpool_relu_deconv2d_kernel(const scalar_t* grad, const bool* positive, con
         for (int64_t channel = 0; channel < out_per_group; ++channel) {
           const UnpooledValue<acc_t>* list = values.get() + (first_plane + channel) * pooled_area;
           for (int64_t i = 0; i < counts[first_plane + channel]; ++i) {
-            group_routed[cursor[list[i].y * unpooled_w + list[i].x]++] = RoutedValue<acc_t>{channel, list[i].value};
+            group_routed[cursor[list[i].position]++] = RoutedValue<acc_t>{static_cast<int32_t>(channel), list[i].value};
           }
         }
       }
     });
 
-    // Pass 3: one task per (sample, group, channel block, output row).
+    // Pass 3: one task per (sample, group, channel block, output row); consecutive tasks share the
+    // block's packed weights.
     const int64_t tasks = samples * groups * channel_blocks * output_h;
     const int64_t work_per_row = output_w * conv.kernel_h * conv.kernel_w * B * 4;
     at::parallel_for(0, tasks, grain_for(work_per_row), [&](int64_t begin, int64_t end) {
@@ -329,10 +479,16 @@ void unpool_relu_deconv2d_kernel(const scalar_t* grad, const bool* positive, con
         const int64_t sample_group = task / (output_h * channel_blocks);
         const int64_t group = sample_group % groups;
         const int64_t sample = sample_group / groups;
-        gather_output_row<B, acc_t>(routed.get() + sample_group * out_per_group * pooled_area,
-                                    offsets.data() + sample_group * (unpooled_area + 1),
-                                    weight_packed + (group * channel_blocks + channel_block) * packed_block_size,
-                                    out_per_group, unpooled_h, unpooled_w, conv, y, output_w, row.data());
+        const GatherArgs<acc_t> args{routed.get() + sample_group * out_per_group * pooled_area,
+                                     offsets.data() + sample_group * (unpooled_area + 1),
+                                     weight_packed + (group * channel_blocks + channel_block) * packed_block_size,
+                                     out_per_group,
+                                     unpooled_w,
+                                     conv.kernel_w,
+                                     &rows,
+                                     &cols,
+                                     output_w};
+        gather_output_row(args, y, row.data());
         // [x, B] -> output[n, c_in, y, :] for the block's real channels.
         const int64_t channels = std::min<int64_t>(B, in_per_group - channel_block * B);
         for (int64_t c = 0; c < channels; ++c) {
@@ -347,18 +503,30 @@ void unpool_relu_deconv2d_kernel(const scalar_t* grad, const bool* positive, con
   }
 }
 
-// The width of the channel blocks of pass 3: the whole of a small c_in / groups, or 16 (four SSE
-// or two AVX vectors of float32 accumulators).
+// Bytes of one block's packed weights (kh * kw * C_out / groups * B values) that pass 3 keeps
+// re-reading, at random c_out: they should stay in the core's L2 cache (1 MiB on current x86 server
+// cores), next to the compressed rows.
+constexpr int64_t kWeightBlockBytes = int64_t(640) << 10;
+
+// The width B of the channel blocks of pass 3: the whole of a small c_in / groups, else the widest
+// of 64, 32 and 16 (float32: four, two, one AVX-512 registers of accumulators) whose block of
+// packed weights fits kWeightBlockBytes. Wider blocks walk the compressed rows fewer times; a block
+// that outgrows L2 waits on memory (measured on AlexNet's and VGG16's layers with bench/).
 template <typename F>
-void with_channel_block(int64_t in_per_group, F&& f) {
+void with_channel_block(int64_t in_per_group, int64_t block_bytes_per_channel, F&& f) {
+  const auto fits = [&](int64_t b) { return b * block_bytes_per_channel <= kWeightBlockBytes; };
   if (in_per_group <= 1) {
     f(std::integral_constant<int, 1>());
   } else if (in_per_group <= 4) {
     f(std::integral_constant<int, 4>());
   } else if (in_per_group <= 8) {
     f(std::integral_constant<int, 8>());
-  } else {
+  } else if (in_per_group <= 16 || !fits(32)) {
     f(std::integral_constant<int, 16>());
+  } else if (in_per_group <= 32 || !fits(64)) {
+    f(std::integral_constant<int, 32>());
+  } else {
+    f(std::integral_constant<int, 64>());
   }
 }
 
@@ -368,12 +536,24 @@ at::Tensor pack_weight(const at::Tensor& weight, int64_t groups, int64_t block, 
   const int64_t out_per_group = weight.size(0) / groups;
   const int64_t in_per_group = weight.size(1);
   const int64_t blocks = (in_per_group + block - 1) / block;
-  at::Tensor padded = at::zeros({weight.size(0), blocks * block, weight.size(2), weight.size(3)},
+  // One strided copy (with the cast) into the packed layout; zeros only where a last block is partial.
+  at::Tensor packed = at::empty({groups, blocks, weight.size(2), weight.size(3), out_per_group, block},
                                 weight.options().dtype(dtype));
-  padded.narrow(1, 0, in_per_group).copy_(weight);
-  return padded.view({groups, out_per_group, blocks, block, weight.size(2), weight.size(3)})
-      .permute({0, 2, 4, 5, 1, 3})
-      .contiguous();
+  const int64_t whole = in_per_group / block;  // blocks without padding
+  if (whole > 0) {
+    packed.narrow(1, 0, whole).copy_(weight.narrow(1, 0, whole * block)
+                                         .view({groups, out_per_group, whole, block, weight.size(2), weight.size(3)})
+                                         .permute({0, 2, 4, 5, 1, 3}));
+  }
+  if (whole < blocks) {
+    const int64_t rest = in_per_group - whole * block;
+    at::Tensor last = packed.narrow(1, whole, 1);
+    last.zero_();
+    last.narrow(5, 0, rest).copy_(weight.narrow(1, whole * block, rest)
+                                      .view({groups, out_per_group, 1, rest, weight.size(2), weight.size(3)})
+                                      .permute({0, 2, 4, 5, 1, 3}));
+  }
+  return packed;
 }
 
 // --------------------------------------------------------------------------------------------- //
@@ -462,12 +642,21 @@ at::Tensor unpool_relu_deconv2d_cpu(const at::Tensor& grad, const at::Tensor& sw
   if (grad.numel() == 0 || weight.numel() == 0) {  // nothing to route, or no tap to route it through
     return output.zero_();
   }
+  // The lists of passes 1 and 2 name a channel within its group and a position within a plane in
+  // 32 bits (half the memory traffic of 64).
+  TORCH_CHECK(weight.size(0) / groups <= std::numeric_limits<int32_t>::max() &&
+                  input_size[0] * input_size[1] <= std::numeric_limits<int32_t>::max(),
+              "unpool_relu_deconv2d: on the CPU, weight.size(0) / groups and input_size[0] * input_size[1] must be "
+              "below 2^31, got ", weight.size(0) / groups, " and ", input_size[0] * input_size[1],
+              "; use unpool_relu and deconv2d for such a layer");
   const at::Tensor grad_nchw = grad.contiguous();
   const at::Tensor switches_nchw = switches.contiguous();
   const checks::Mask mask(positive);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "unpool_relu_deconv2d", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    with_channel_block(weight.size(1), [&](auto block) {
+    const int64_t block_bytes_per_channel =
+        weight.size(2) * weight.size(3) * (weight.size(0) / groups) * static_cast<int64_t>(sizeof(acc_t));
+    with_channel_block(weight.size(1), block_bytes_per_channel, [&](auto block) {
       constexpr int B = decltype(block)::value;
       const at::Tensor weight_packed = pack_weight(weight, groups, B, c10::CppTypeToScalarType<acc_t>::value);
       rules::dispatch_rule(geometry.rule, mask.present(), [&](auto rule_type) {
