@@ -195,9 +195,9 @@ def test_occlusion_equals_brute_force(name, layer, size, window, stride, options
         channel = torch.tensor([n_channels - 1, 1])
     expected = brute_force_occlusion(model, images, layer, channel, window, stride, options.get("fill", 0.0),
                                      options.get("reduce", "sum"), options.get("softmax", False))
-    # by difference in batches that split an image's positions and in one for everything; the plain
-    # recompute; and the default, which picks one of them after timing both on the first batch
-    for method, batch_size in (("difference", 5), ("difference", 1000), ("recompute", 7), ("auto", 256)):
+    # by difference (the default) in batches that split an image's positions and in one for
+    # everything; and the plain recompute
+    for method, batch_size in (("difference", 5), ("difference", 1000), ("recompute", 7)):
         actual = deconvcuda.occlusion(model, images, layer, channel, window=window, stride=stride,
                                       batch_size=batch_size, method=method, **options)
         assert actual.shape == expected.shape and actual.dtype == images.dtype and actual.device == images.device
@@ -259,7 +259,7 @@ def test_occlusion_window_default_geometry_and_grid_shape():
     ({"softmax": True}, ValueError, "softmax=True needs a flat layer"),
     ({"layer": "features.99"}, ValueError, "unknown layer 'features.99'"),
     ({"batch_size": 0}, ValueError, "batch_size must be a positive int"),
-    ({"method": "fast"}, ValueError, "method must be one of 'auto', 'difference', 'recompute'"),
+    ({"method": "fast"}, ValueError, "method must be one of 'difference', 'recompute'"),
 ])
 def test_occlusion_bad_input(arguments, error, match):
     model = build("chain")

@@ -18,7 +18,6 @@ means), it runs on whole maps instead; so does everything after it.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -106,17 +105,6 @@ def _avg_pool_divisors(kind, size: Sequence[int], like: torch.Tensor) -> torch.T
     sums = F.avg_pool2d(ones, kind.kernel_size, kind.stride, kind.padding, kind.ceil_mode, True, 1)
     averages = kind.forward(ones)
     return (sums / averages)[0, 0].round().to(like.dtype)
-
-
-def _timed(function, device: torch.device):
-    """``function()`` and the seconds it took (waiting for the GPU where it runs there)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    result = function()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return result, time.perf_counter() - started
 
 
 class OcclusionCones:
@@ -259,17 +247,14 @@ class OcclusionCones:
 
     def values(self, images: torch.Tensor, corners: torch.Tensor, window: Tuple[int, int], fill: torch.Tensor,
                channels: torch.Tensor, value_of, *, batch_size: int, progress: bool,
-               method: str = "auto") -> torch.Tensor:
+               method: str = "difference") -> torch.Tensor:
         """Per image and occluder position (``corners`` [P, 2]; image-major), ``value_of(output, channel)``
         of the target's occluded output, where ``output`` is the chosen channel's map [B, 1, h, w]
         (then ``channel`` is 0) or the flat output [B, F] (``channel`` indexes it). Returns [N * P].
 
-        method: "difference" (the cones), "recompute" (each occluded image through the whole forward)
-        or "auto": the first batch both ways, then the faster. Where the cones cover the maps after a
-        few layers (small images, large squares) and a graph has hundreds of small nodes (DenseNet),
-        assembling the cones can cost more than it saves. Images go through in groups small enough
-        that a group's positions fill about one batch, so the unoccluded outputs kept are those of one
-        group, not of every image."""
+        method: "difference" (the cones) or "recompute" (each occluded image through the whole
+        forward: the baseline). Images go through in groups small enough that a group's positions fill
+        about one batch, so the unoccluded outputs kept are those of one group, not of every image."""
         from tqdm.auto import tqdm
 
         n_positions = corners.shape[0]
@@ -294,18 +279,10 @@ class OcclusionCones:
                         rows_images, rows = index // n_positions, index % n_positions
                         chosen = channels[first + rows_images]
 
-                        def by_difference():
-                            return self._occluded_target(windows, grown, rows_images, rows, fill, window, chosen)
-
-                        def by_recompute():
-                            return self._recomputed_target(rows_images, corners[rows], fill, window, chosen)
-
-                        if method == "auto":
-                            output, seconds = _timed(by_difference, images.device)
-                            _, recompute_seconds = _timed(by_recompute, images.device)
-                            method = "difference" if seconds <= recompute_seconds else "recompute"
+                        if method == "recompute":
+                            output = self._recomputed_target(rows_images, corners[rows], fill, window, chosen)
                         else:
-                            output = by_difference() if method == "difference" else by_recompute()
+                            output = self._occluded_target(windows, grown, rows_images, rows, fill, window, chosen)
                         results.append(value_of(output, chosen if output.dim() == 2 else torch.zeros_like(chosen)))
                         bar.update(index.shape[0])
         finally:

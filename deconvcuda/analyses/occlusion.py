@@ -181,7 +181,8 @@ def _corners(grid: Pair, stride: Pair, device) -> torch.Tensor:
 
 def occlusion(model: nn.Module, images: torch.Tensor, layer: str, channel=None, *, window=16, stride=8,
               fill=0.0, reduce: str = "sum", softmax: bool = False,
-              batch_size: int = POSITIONS_PER_BATCH, progress: bool = False, method: str = "auto") -> torch.Tensor:
+              batch_size: int = POSITIONS_PER_BATCH, progress: bool = False,
+              method: str = "difference") -> torch.Tensor:
     """How ``channel`` of ``layer`` responds to a ``window`` square of ``fill`` slid over each image.
 
     images: ``[N, C, H, W]`` model input. The occluder's top-left corner is at ``(i * stride_h,
@@ -192,9 +193,9 @@ def occlusion(model: nn.Module, images: torch.Tensor, layer: str, channel=None, 
     unoccluded image: the paper's "strongest feature map"). reduce: "sum" (the total activation) or
     "max". For a flat layer ``[N, F]`` the value is the unit's activation, with ``softmax=True`` its
     softmax probability. batch_size: occluder positions computed together. progress: a tqdm bar.
-    method: "difference" (each position recomputes only its cone of influence in each layer, on top
-    of the unoccluded activations), "recompute" (each occluded image through the whole forward), or
-    "auto" (the default: the first batch both ways, then the faster; the same values either way).
+    method: "difference" (the default: each position recomputes only its cone of influence in each
+    layer, on top of the unoccluded activations) or "recompute" (each occluded image through the
+    whole forward: the plain way, and the baseline of bench/bench_occlusion.py); the same values.
 
     Returns ``[N, R, C_cols]`` in the images' dtype, on their device.
     """
@@ -214,7 +215,7 @@ def occlusion(model: nn.Module, images: torch.Tensor, layer: str, channel=None, 
 
 def most_probable_class(model: nn.Module, images: torch.Tensor, layer: str = "", *, window=16, stride=8, fill=0.0,
                         batch_size: int = POSITIONS_PER_BATCH, progress: bool = False,
-                        method: str = "auto") -> torch.Tensor:
+                        method: str = "difference") -> torch.Tensor:
     """Per image and occluder position (as :func:`occlusion` places them), the unit with the largest
     value in the flat ``layer`` (default the model's output: the most probable class, Fig. 7's last
     column). method: as for :func:`occlusion`. Returns a LongTensor ``[N, R, C_cols]``."""
@@ -236,7 +237,7 @@ def most_probable_class(model: nn.Module, images: torch.Tensor, layer: str = "",
     return classes.reshape(images.shape[0], grid[0], grid[1])
 
 
-METHODS = ("auto", "difference", "recompute")
+METHODS = ("difference", "recompute")
 
 
 def _check_method(method, caller: str) -> None:
