@@ -311,11 +311,12 @@ def rule_seed_map(out: torch.Tensor, channel=None, position=None, neurons=None, 
 
 
 def rule_oracle(model64: nn.Module, images: torch.Tensor, layer: str, channel=None, position=None, neurons=None, *,
-                rule: str = "deconvnet", seed: str = "value") -> torch.Tensor:
-    """The projection by autograd in float64 on the CPU: the input-gradient of ``layer``'s output seeded
-    with the seed map, every rectifier's backward the rule's. ``model64``: a float64 eval-mode copy.
-    With ``neurons`` the images are repeated per row, so each row gets its own backward."""
-    x = images.detach().to("cpu", torch.float64)
+                rule: str = "deconvnet", seed: str = "value", dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The projection by autograd on the CPU: the input-gradient of ``layer``'s output seeded with the
+    seed map, every rectifier's backward the rule's. ``model64``: an eval-mode copy in ``dtype``
+    (float64 by default). With ``neurons`` the images are repeated per row, so each row gets its own
+    backward."""
+    x = images.detach().to("cpu", dtype)
     if neurons is not None:
         neurons = neurons.cpu()
         x = x[neurons[:, 0]]
