@@ -16,7 +16,7 @@ activations over a dataset projected to pixel space, beside the image patches th
    numbers; per run a static ``index.html`` (``_index_html``).
 
 Display (``contrast="robust"``, the default): per projection, the colour cast (each colour channel's
-median over the projection's support) is removed, and values are scaled so that the 99.5th percentile
+median over the quieter half of the projection's support) is removed, and values are scaled so that the 99.5th percentile
 of |value| reaches black or white (brighter values are clipped), zero at mid-gray. ``contrast="max"``
 is the paper's linear scaling, ``p / (2 max|p|) + 0.5``, with no cast removed: the raw values.
 
@@ -59,8 +59,9 @@ RULES = {
 }
 #: How projections are turned into gray levels: see :func:`projections_to_rgb`.
 CONTRASTS = ("robust", "max")
-#: The percentile of |value| that ``contrast="robust"`` maps to black and white.
-ROBUST_PERCENTILE = 99.5
+#: The percentile of |value| that ``contrast="robust"`` maps to black and white, and the fewest pixels
+#: a projection's support must have for its colour cast to be estimated and removed.
+ROBUST_PERCENTILE, CAST_MIN_PIXELS = 99.5, 9
 #: How many channels per layer ``visualize`` and ``deconvcuda visualize`` draw unless told otherwise:
 #: the first that fire on the data (``channels="all"`` or ``max_channels=None`` draws every one).
 DEFAULT_CHANNELS = 16
@@ -164,10 +165,12 @@ def projections_to_rgb(projections: torch.Tensor, channel_order: str = "RGB", co
                        percentile: float = ROBUST_PERCENTILE) -> torch.Tensor:
     """[P, C, h, w] projections -> [P, 3, h, w] in [0, 1], each on its own scale, zero at mid-gray.
 
-    ``contrast="robust"``: per projection, the support is where any channel is non-zero; each
-    channel's median over the support (the colour cast) is subtracted there, and the result is
-    divided by twice the ``percentile``-th percentile of |value| over the support, plus 0.5, clipped:
-    a few bright pixels no longer push everything else to gray, and a faint background stays gray.
+    ``contrast="robust"``: per projection, the support is where any channel is non-zero. Its colour
+    cast, each channel's median over the quieter half of the support (the pixels whose magnitude,
+    summed over channels, is at most the median), is subtracted there (where the support has at least
+    CAST_MIN_PIXELS pixels), so a tinted background turns gray and the structure keeps its colours;
+    the result is divided by twice the ``percentile``-th percentile of |value| over the support, plus
+    0.5, clipped: a few bright pixels no longer push everything else to gray.
     ``contrast="max"``: the paper's ``p / (2 max|p|) + 0.5``, the values as they are. An all-zero
     projection is uniformly gray.
     """
@@ -185,8 +188,10 @@ def projections_to_rgb(projections: torch.Tensor, channel_order: str = "RGB", co
         scale = torch.zeros(p.shape[0])
         for i in range(p.shape[0]):  # per projection, over its support only
             values = p[i][:, support[i]]                                             # [C, n]
+            if values.shape[1] >= CAST_MIN_PIXELS:
+                magnitude = values.abs().sum(dim=0)
+                cast[i, :, 0, 0] = values[:, magnitude <= magnitude.median()].median(dim=1).values
             if values.shape[1]:
-                cast[i, :, 0, 0] = values.median(dim=1).values
                 scale[i] = torch.quantile((values - cast[i, :, 0]).abs().flatten(), percentile / 100)
         p = (p - cast) * support[:, None]
         scaled = p / (2 * scale.clamp_min(tiny).view(-1, 1, 1, 1))

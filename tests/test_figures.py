@@ -139,16 +139,21 @@ def test_robust_contrast_shows_what_one_bright_pixel_hides():
 
 
 def test_robust_contrast_removes_the_colour_cast_of_each_projection():
+    # structure in the middle of each projection; around it a background tinted by a cast
     torch.manual_seed(0)
-    structure = torch.randn(2, 3, 20, 20)
-    cast = torch.tensor([[3.0, -1.0, 0.0], [0.0, 0.0, -2.0]]).view(2, 3, 1, 1)
-    with_cast = figures.projections_to_rgb(structure + cast)
-    # each colour channel's median over the support is mid-gray: the cast is gone, the same way per cell
-    medians = with_cast.flatten(2).median(dim=2).values
-    torch.testing.assert_close(medians, torch.full((2, 3), 0.5), atol=1 / 255, rtol=0)
-    # a cast is a constant: removing it leaves the structure as it was without one
-    torch.testing.assert_close(with_cast, figures.projections_to_rgb(structure - structure.flatten(2).median(2).values
-                                                                     .view(2, 3, 1, 1)), atol=1e-6, rtol=0)
+    structure = torch.zeros(2, 3, 20, 20)
+    structure[:, :, 6:14, 6:14] = 4 * torch.randn(2, 3, 8, 8)
+    cast = torch.tensor([[0.3, -0.1, 0.0], [0.0, 0.0, -0.2]]).view(2, 3, 1, 1)
+    tinted = figures.projections_to_rgb(structure + cast)
+    untinted = figures.projections_to_rgb(structure + 1e-6)     # the same support, no cast
+    # the background turns mid-gray, the same way in every cell, and the structure is unchanged
+    torch.testing.assert_close(tinted[:, :, :6], torch.full_like(tinted[:, :, :6], 0.5), atol=1 / 255, rtol=0)
+    torch.testing.assert_close(tinted, untinted, atol=2 / 255, rtol=0)
+    assert ((figures.projections_to_rgb(structure + cast, contrast="max")[:, :, :6] - 0.5).abs() > 0.01).any()
+    # a support too small to tell a cast from structure keeps its colours
+    dot = torch.zeros(1, 3, 5, 5)
+    dot[0, :, 2, 2] = torch.tensor([1.0, 0.5, 0.0])
+    assert figures.projections_to_rgb(dot)[0, :, 2, 2].tolist() == pytest.approx([1.0, 0.75, 0.5], abs=0.01)
     with pytest.raises(ValueError, match="contrast must be one of 'robust', 'max'"):
         figures.projections_to_rgb(structure, contrast="linear")
 
