@@ -405,7 +405,10 @@ def _reverse(program: List[_Unit], graph: Graph, output: torch.Tensor, selection
             for node, shape, gi in zip(unit.inputs, unit.in_shapes, unit.run(g, at)):
                 _accumulate(grads, node, gi, in_windows, shape)
         g, windows = grads.pop(graph.input)
-        result[start:stop] = g if windows is None else windows.paste(g, input_shape[1:])
+        if windows is None:
+            result[start:stop] = g
+        else:
+            windows.add_into(result[start:stop], g)
     return result
 
 

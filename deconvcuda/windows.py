@@ -102,6 +102,16 @@ class Windows:
         out.scatter_(2, flat[:, None, :].expand(p, c, flat.shape[1]), g.reshape(p, c, -1))
         return out[:, :, :plane].reshape(p, c, size[0], size[1])
 
+    def add_into(self, out: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Add the windows [P, C, h, w] into maps ``out`` [P, C, H, W] in place (the result's own rows:
+        no full-size temporary). Positions outside the map add 0 to a clamped position, so every real
+        position receives exactly its own value, in any order (deterministic on CUDA too)."""
+        p, c = g.shape[:2]
+        flat, valid = self.positions(out.shape[2:])
+        values = g.reshape(p, c, -1).masked_fill(~valid[:, None, :], 0)
+        out.view(p, c, -1).scatter_add_(2, flat[:, None, :].expand(p, c, flat.shape[1]), values)
+        return out
+
     def embed(self, g: torch.Tensor, outer: "Windows") -> torch.Tensor:
         """These windows' values [P, C, h, w] placed into the larger windows ``outer`` (which hold
         them: a union), zeros elsewhere."""
