@@ -130,9 +130,9 @@ class _Unit:
                     [s[0] * grown.height * grown.width for s in self.in_shapes])
 
 
-def _fusable_chain(pool: Node, graph: Graph, kernels: _Kernels, rule: str) -> List[Node]:
-    """The ReLU (and conv) below a max pool that one fused kernel call can reverse with it: each
-    feeds only the next, so nothing else needs their gradients."""
+def _fusable_chain(pool: Node, graph: Graph, kernels: _Kernels) -> List[Node]:
+    """The ReLU (and conv) below a max pool that one fused kernel call can reverse with it, under any
+    rule: each feeds only the next, so nothing else needs their gradients."""
     if not (kernels.fuse and isinstance(pool.kind, kinds.MaxPool)):
         return []
     relu = pool.inputs[0]
@@ -144,15 +144,15 @@ def _fusable_chain(pool: Node, graph: Graph, kernels: _Kernels, rule: str) -> Li
     return [relu]
 
 
-def _program(graph: Graph, shapes: Dict[Node, Tuple[int, ...]], saved: Dict[Node, object], kernels: _Kernels,
-             rule: str) -> List[_Unit]:
+def _program(graph: Graph, shapes: Dict[Node, Tuple[int, ...]], saved: Dict[Node, object],
+             kernels: _Kernels) -> List[_Unit]:
     """The reverse units from the target down to the input, in reverse topological order."""
     program: List[_Unit] = []
     absorbed = set()
     for node in reversed(graph.nodes[1:]):
         if node in absorbed:
             continue
-        chain = _fusable_chain(node, graph, kernels, rule)
+        chain = _fusable_chain(node, graph, kernels)
         absorbed.update(chain)
         pool = node.kind
         if len(chain) == 2:
@@ -362,7 +362,7 @@ def project(model: nn.Module, images: torch.Tensor, layer, channel=None, positio
         else:
             selection = _Selection(torch.arange(images.shape[0], device=images.device), None, None, None, False)
 
-        program = _program(graph, shapes, keeper.saved, kernels, rule)
+        program = _program(graph, shapes, keeper.saved, kernels)
         return _reverse(program, graph, output, selection, seed, shapes[graph.input],
                         _Options(rule, lrn, kernels, crop=kernels.crop and not flat))
 
