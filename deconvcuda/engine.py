@@ -344,7 +344,6 @@ def project(model: nn.Module, images: torch.Tensor, layer, channel=None, positio
         else:
             rows, batch = None, images
         keeper = Keeper(kernels, rule, lrn)
-        keeper.saved = {}
         output = graph.forward(batch, keeper)[target]
         if neurons is not None:
             selection = _Selection(rows, neurons[:, 1], neurons[:, 2], neurons[:, 3], True)

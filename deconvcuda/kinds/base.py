@@ -96,6 +96,7 @@ class Keeper:
 
     def __init__(self, kernels, rule: str, lrn: str):
         self.kernels, self.rule, self.lrn = kernels, rule, lrn
+        self.saved: Dict[Any, Any] = {}  # per graph node, what its kind kept
 
     @staticmethod
     def rows(t: torch.Tensor) -> torch.Tensor:
