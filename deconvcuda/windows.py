@@ -105,7 +105,9 @@ class Windows:
     def add_into(self, out: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Add the windows [P, C, h, w] into maps ``out`` [P, C, H, W] in place (the result's own rows:
         no full-size temporary). Positions outside the map add 0 to a clamped position, so every real
-        position receives exactly its own value, in any order (deterministic on CUDA too)."""
+        position receives exactly its own value."""
+        if out.device.type == "cuda":  # scatter_add_ uses atomics there: paste (unique targets) instead
+            return out.add_(self.paste(g, out.shape[2:]))
         p, c = g.shape[:2]
         flat, valid = self.positions(out.shape[2:])
         values = g.reshape(p, c, -1).masked_fill(~valid[:, None, :], 0)
