@@ -1021,7 +1021,8 @@ def _layer_section(number: int, record: LayerFigures, count: int, out: Path, k: 
              f'<h2>{html.escape(record.layer)} <span class="layer-nav">{" &middot; ".join(links)}</span></h2>',
              f'<p class="about">{record.num_channels} channels, each a map of {shape}; an activation sees a '
              f"{height}&times;{width}-pixel receptive field of the input"
-             + (f", neighbouring positions {record.stride[0]} pixels apart" if any(record.stride) else "")
+             + (f", neighbouring positions {record.stride[0]} pixel{'s' * (record.stride[0] != 1)} apart"
+                if any(record.stride) else "")
              + f". Time: top-{k} scan {record.seconds.get('top_activations', 0):.1f} s, projections "
              f"{record.seconds.get('project', 0):.1f} s, drawing {record.seconds.get('draw', 0):.1f} s.</p>"]
     drawn = len(record.channels)
