@@ -82,6 +82,8 @@ OUTLINE_COLOUR, OUTLINE_SHARE = (255, 214, 0), 0.8
 OVERVIEW_CHANNELS, OVERVIEW_HEIGHT = 16, 160
 #: Projections per ``project`` call: bounds memory (each is a full-size image until it is cropped).
 PROJECTIONS_PER_CALL = 144
+#: Channels of each layer projected first, before any layer's others: their times estimate the run.
+PROBE_CHANNELS = 2
 #: A run whose projections are estimated to take longer than this (seconds) says so when it starts.
 LONG_RUN_SECONDS = 60.0
 #: The file in the output folder that lists what the last run wrote, so the next run can remove it.
@@ -455,6 +457,8 @@ class _Progress:
                 from tqdm import tqdm
 
                 self.bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, file=sys.stderr, dynamic_ncols=True)
+            if left is not None and self.done < self.total:
+                self.bar.set_postfix_str(f"about {_duration(left)} left", refresh=False)
             self.bar.update(count)
             return
         if self.done >= self.next_line * self.total or self.done == self.total:
@@ -507,8 +511,8 @@ class _Estimate:
             return None
         count = sum(len(pairs) for (_, _, pairs), finished in zip(self.jobs, self.finished) if not finished)
         return (f"visualize: about {_duration(left)} more for the other {count * self.rules:,} projections "
-                f"(measured on the first chunk of each layer); fewer channels (channels=, max_channels=) or a GPU "
-                "take less")
+                f"(measured on the first channels of each layer); fewer channels (channels=, max_channels=) or a "
+                "GPU take less")
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -604,12 +608,15 @@ class _LayerWork:
     drawn: List[Tuple[int, int]]
 
     def jobs(self, per_call: int) -> List[Tuple["_LayerWork", List[int], List[Tuple[int, int]]]]:
-        """(self, channels, their pairs) per ``project`` call: at most ``per_call`` channels each."""
+        """(self, channels, their pairs) per ``project`` call: the first PROBE_CHANNELS channels (whose
+        time estimates the layer's), then at most ``per_call`` channels each."""
+        channels = self.record.channels
+        starts = [0] + list(range(min(PROBE_CHANNELS, per_call), len(channels), per_call))
         jobs = []
-        for start in range(0, len(self.record.channels), per_call):
-            chunk = self.record.channels[start:start + per_call]
-            members = set(chunk)
-            jobs.append((self, chunk, [(c, r) for c, r in self.drawn if c in members]))
+        for start, stop in zip(starts, starts[1:] + [len(channels)]):
+            if start < stop:
+                members = set(channels[start:stop])
+                jobs.append((self, channels[start:stop], [(c, r) for c, r in self.drawn if c in members]))
         return jobs
 
 

@@ -375,7 +375,6 @@ def test_one_default_channel_count_and_a_way_to_ask_for_all(tmp_path):
 def test_progress_in_a_log_file_is_plain_lines_with_a_time_estimate(tiny, tmp_path, capsys, monkeypatch):
     model, images, _ = tiny
     monkeypatch.setattr(figures, "LONG_RUN_SECONDS", 0.0)      # every run counts as long here
-    monkeypatch.setattr(figures, "PROJECTIONS_PER_CALL", 9)     # one channel per project call: many updates
     run = deconvcuda.visualize(model, images, ["features.1", "features.4"], out=tmp_path, progress=True)
     err = capsys.readouterr().err                               # not a terminal
     assert "\r" not in err and "\x1b" not in err                # no carriage returns, no cursor movements
@@ -384,12 +383,12 @@ def test_progress_in_a_log_file_is_plain_lines_with_a_time_estimate(tiny, tmp_pa
     total = sum(len(figure.values) for figure in run.figures)
     assert f"visualize: {total} projections (9 channels of 2 layers, up to 9 activations each, 1 rule)" in lines
     estimate = [i for i, line in enumerate(lines) if re.match(r"visualize: about \d+ s more for the other \d+ "
-                                                                r"projections \(measured on the first chunk of each", line)]
+                                                                r"projections \(measured on the first channels of", line)]
     done = [i for i, line in enumerate(lines) if line.startswith(f"projections: {total}/{total}")]
     assert len(estimate) == 1 and len(done) == 1 and estimate[0] < done[0]
-    # each layer's first chunk is measured first: the estimate comes after two of the nine chunks
-    assert re.search(r"the other (\d+) projections", lines[estimate[0]]).group(1) == str(
-        total - sum(len(layer.figures[0].values) for layer in run.layers))
+    # each layer's first channels are measured first: the estimate comes after those of both layers
+    probed = sum(len(figure.values) for layer in run.layers for figure in layer.figures[:figures.PROBE_CHANNELS])
+    assert re.search(r"the other (\d+) projections", lines[estimate[0]]).group(1) == str(total - probed)
     deconvcuda.visualize(model, images, "features.4", out=tmp_path, progress=False)
     assert capsys.readouterr().err == ""
 
