@@ -367,8 +367,8 @@ def _read_state_dict(path: str) -> Mapping:
             keys = [str(key) for key in state][:8]
             found = (f"a {type(state).__name__} with keys {', '.join(map(repr, keys))}"
                      + (" ..." if len(state) > 8 else "") + " that are not all tensors")
-            hint = (f"; where a training checkpoint holds the weights under some key, save just those: "
-                    f"`torch.save(checkpoint[KEY], path)`")
+            hint = ("; where a training checkpoint holds the weights under some key, save just those: "
+                    "`torch.save(checkpoint[KEY], path)`")
         elif isinstance(state, torch.Tensor):
             found, hint = f"a single tensor of shape {list(state.shape)}", ""
         else:
