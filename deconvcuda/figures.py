@@ -476,29 +476,32 @@ class _Progress:
 
 
 class _Estimate:
-    """How long the projections will take: each layer's seconds per projection, measured on its first
-    chunk (layers differ by orders of magnitude), times what is left of it, shared by the processes."""
+    """How long the projections will take: each layer's seconds per projection so far (layers differ by
+    orders of magnitude; its first channels come early), times what is left of it, shared by the
+    processes."""
 
     def __init__(self, jobs, rules: int, world: int):
         self.jobs, self.rules, self.world = jobs, rules, world
         self.finished = [False] * len(jobs)
-        self.rate: Dict[str, float] = {}          # layer -> seconds per projection
+        self.spent: Dict[str, List[float]] = {}   # layer -> [seconds, projections] of its finished chunks
         self.announced = False
 
     def done(self, number: int, seconds: float) -> None:
         item, _, pairs = self.jobs[number]
         self.finished[number] = True
-        self.rate.setdefault(item.record.layer, seconds / max(1, len(pairs) * self.rules))
+        spent = self.spent.setdefault(item.record.layer, [0.0, 0])
+        spent[0] += seconds
+        spent[1] += len(pairs) * self.rules
 
     def left(self) -> Optional[float]:
         """Seconds still to go, or None until every layer with work left has been measured."""
         seconds = 0.0
         for (item, _, pairs), finished in zip(self.jobs, self.finished):
             if not finished:
-                rate = self.rate.get(item.record.layer)
-                if rate is None:
+                spent = self.spent.get(item.record.layer)
+                if spent is None:
                     return None
-                seconds += rate * len(pairs) * self.rules
+                seconds += spent[0] / max(1, spent[1]) * len(pairs) * self.rules
         return seconds / self.world
 
     def announcement(self) -> Optional[str]:
