@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime
 import html
-import inspect
 import math
 import os
 import platform
@@ -550,16 +549,6 @@ def _rule_list(rule) -> List[str]:
     return list(dict.fromkeys(rules))
 
 
-def _rule_options(project_function, rule: str) -> dict:
-    """The keyword that asks ``project`` for ``rule``: none for the DeconvNet where ``project`` has no
-    ``rule`` option (an older deconvcuda), an error for any other rule there."""
-    if "rule" in inspect.signature(project_function).parameters:
-        return {"rule": rule}
-    if rule == "deconvnet":
-        return {}
-    raise ValueError(f"visualize: rule {rule!r} needs deconvcuda.project(..., rule=...), which this deconvcuda lacks")
-
-
 def _check_channel_options(channels, max_channels) -> None:
     if max_channels is not None and (isinstance(max_channels, bool) or not isinstance(max_channels, int)
                                      or max_channels < 1):
@@ -659,7 +648,6 @@ def visualize(model: nn.Module, data, layers: Union[str, Sequence[str]], *,
 
     Returns a :class:`Visualization` (out folder, index path, per-layer records with every figure).
     """
-    from . import project as project_function
     from .scan import model_device as device_of, process_group
 
     if not isinstance(model, nn.Module):
@@ -670,7 +658,6 @@ def visualize(model: nn.Module, data, layers: Union[str, Sequence[str]], *,
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"visualize: k must be a positive int, got {k!r}")
     _check_channel_options(channels, max_channels)
-    rule_options = {name: _rule_options(project_function, name) for name in rules}
     if preprocessing is None:
         preprocessing = getattr(model, "preprocessing", None)
     model_device = device_of(model)
@@ -716,9 +703,8 @@ def visualize(model: nn.Module, data, layers: Union[str, Sequence[str]], *,
                 item, _, pairs = jobs[number]
                 tick = time.perf_counter()
                 try:
-                    mine = ("ok", _project_chunk(model, data, item, pairs, rules, rule_options, project_function,
-                                                 contrast, channel_order, preprocessing, batch_size, device, seed,
-                                                 lrn, backend),
+                    mine = ("ok", _project_chunk(model, data, item, pairs, rules, contrast, channel_order,
+                                                 preprocessing, batch_size, device, seed, lrn, backend),
                             time.perf_counter() - tick)
                 except Exception as error:
                     if world == 1:
@@ -858,11 +844,11 @@ def _plan_layer(layer: str, scan, channels, max_channels: Optional[int], scan_se
     return _LayerWork(record, values, image_index, ys, xs, pairs)
 
 
-def _project_chunk(model, data, item: _LayerWork, pairs, rules, rule_options, project_function, contrast,
-                   channel_order, preprocessing, batch_size, device, seed, lrn, backend):
+def _project_chunk(model, data, item: _LayerWork, pairs, rules, contrast, channel_order, preprocessing, batch_size,
+                   device, seed, lrn, backend):
     """Stage 2 for one chunk, on the CPU: per rule the projections' display cells, the image patches'
     cells, the support outlines (of the first rule's projections) and the boxes, in ``pairs`` order."""
-    from . import batches, crop_patches, receptive_field
+    from . import batches, crop_patches, project, receptive_field
 
     if not pairs:
         return None
@@ -876,8 +862,8 @@ def _project_chunk(model, data, item: _LayerWork, pairs, rules, rule_options, pr
     boxes = [tuple(int(v) for v in field_.box(int(item.ys[c, r]), int(item.xs[c, r]))) for c, r in pairs]
     projections, outlines = [], None
     for name in rules:
-        projected = project_function(model, images, layer, neurons=neurons.to(device), seed=seed, lrn=lrn,
-                                     backend=backend, **rule_options[name])
+        projected = project(model, images, layer, neurons=neurons.to(device), rule=name, seed=seed, lrn=lrn,
+                            backend=backend)
         crops = crop_patches(projected, boxes, fill=0.0).cpu()
         del projected
         if outlines is None:
@@ -1079,7 +1065,7 @@ def _index_html(header: Dict[str, str], records: List[LayerFigures], out: Path, 
                      f"{section.body}\n</section>")
     grids = " then ".join(f"<i>{html.escape(rule)}</i>" for rule in rules)
     how = (f"Per channel, its {k} strongest activations over the images (at most one per image, strongest "
-           f"first, row by row), projected back to pixel space: one 3&times;3 grid per rule ({grids}), then the "
+           f"first, row by row), projected back to pixel space: one grid per rule ({grids}), then the "
            "image patches they came from, each the activation's receptive field, with the region holding "
            f"{OUTLINE_SHARE:.0%} of the {html.escape(rules[0])} projection outlined in yellow. Light gray in a "
            "patch is outside the image. Gray in a projection is zero. In each caption: <i>activation</i> is the "

@@ -26,8 +26,6 @@ from deconvcuda.models import HED_BGR
 K = 9
 CHROMIUM = next((path for path in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
                  if path and os.path.exists(path)), None)
-HAS_RULE = "rule" in inspect.signature(deconvcuda.project).parameters
-needs_rule = pytest.mark.skipif(not HAS_RULE, reason="deconvcuda.project has no rule= yet")
 
 
 class TinyNet(nn.Module):
@@ -292,7 +290,6 @@ def test_visualize_pixels_are_the_projection_and_the_patch(tiny, tmp_path):
         np.testing.assert_allclose(_cell(png, 3, cell, grid=1, centre=True), patch, atol=1 / 255 + 1e-6)
 
 
-@needs_rule
 def test_visualize_draws_each_rule_side_by_side(tiny, tmp_path):
     model, images, names = tiny
     run = deconvcuda.visualize(model, images, "features.4", channels=[0, 3], k=4, rule=["deconvnet", "guided"],
