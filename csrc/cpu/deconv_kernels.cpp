@@ -165,10 +165,10 @@ void unpool_relu_kernel(const scalar_t* grad, const bool* positive, const uint8_
 //    (channels last, made once per call), and adds value * weights to B accumulators held in
 //    registers: B-wide vector FMAs, no scalar loop over one channel (with_channel_block picks B).
 //
-// The multiply-adds are an explicit fma. Pass 3 is compiled twice: for the build's baseline ISA,
-// and, on x86-64, for AVX2 + FMA, picked at run time when the CPU has them (the build's flags are
-// the baseline's: a wheel built here must run on any x86-64). Each output element is computed by
-// one task in a fixed order (unpooled position, then c_out), so results are the same for any
+// Pass 3 is compiled for the build's baseline ISA (a plain multiply-add) and, on x86-64 with GCC,
+// for AVX2 + FMA and for AVX-512F (explicit FMA intrinsics), picked at run time by what the CPU has
+// (the build's flags are the baseline's: a wheel built here must run on any x86-64). Each output
+// element is computed by one task in a fixed order (gather_row.h), so results are the same for any
 // number of threads, and on one machine bit for bit.
 
 template <typename acc_t>
@@ -336,6 +336,19 @@ struct DoubleLanes {
   static inline void store(double* p, vec_t v) { _mm256_storeu_pd(p, v); }
   static inline vec_t fma(vec_t a, vec_t b, vec_t c) { return _mm256_fmadd_pd(a, b, c); }
 };
+// 128-bit vectors with FMA (VEX-encoded, so AVX2 machines have them): for blocks of 4 channels
+struct FloatQuadLanes {
+  using value_t = float;
+  using vec_t = __m128;
+  static constexpr int width = 4;
+  static constexpr int accumulators = 8;  // of 16 vector registers: half for accumulators
+  static inline vec_t zero() { return _mm_setzero_ps(); }
+  static inline vec_t add(vec_t a, vec_t b) { return _mm_add_ps(a, b); }
+  static inline vec_t broadcast(float value) { return _mm_set1_ps(value); }
+  static inline vec_t load(const float* p) { return _mm_loadu_ps(p); }
+  static inline void store(float* p, vec_t v) { _mm_storeu_ps(p, v); }
+  static inline vec_t fma(vec_t a, vec_t b, vec_t c) { return _mm_fmadd_ps(a, b, c); }
+};
 #include "cpu/gather_row.h"
 }  // namespace avx2
 #pragma GCC pop_options
@@ -384,6 +397,11 @@ GatherRowFn<B, acc_t> gather_output_row_for_this_cpu() {
   }
   if constexpr (B % Avx2::width == 0) {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &avx2::gather_output_row<B, Avx2>;
+  }
+  if constexpr (is_float && B % avx2::FloatQuadLanes::width == 0) {
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      return &avx2::gather_output_row<B, avx2::FloatQuadLanes>;
+    }
   }
 #endif
   return &baseline::gather_output_row<B, baseline::Lanes<acc_t>>;
