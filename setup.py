@@ -2,6 +2,8 @@
 
 Environment switches (read at build time):
   DECONVCUDA_CPU_ONLY=1      build the CPU kernels only, even where nvcc is installed
+  DECONVCUDA_FORCE_CUDA=1    build the CUDA kernels or fail: a missing nvcc is an error instead of a
+                             silent CPU-only build (torchvision's FORCE_CUDA); for GPU machines and CI
   TORCH_CUDA_ARCH_LIST       the GPU architectures to build for (default "8.0;9.0+PTX":
                              A100 and H100/H200, with PTX so newer GPUs JIT-compile it)
   MAX_JOBS                   parallel compile jobs (default: the machine's cores)
@@ -62,6 +64,12 @@ def _nvcc_available():
     return shutil.which("nvcc") is not None
 
 
+def _torch_cuda_version():
+    import torch
+
+    return torch.version.cuda or "none: a CPU-only torch"
+
+
 def _extension():
     debug = _env_flag("DECONVCUDA_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
@@ -70,7 +78,15 @@ def _extension():
     # (C++20 for the torch here, C++17 for older ones), so one setup.py builds against either.
     cxx_flags = opt + ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
-    with_cuda = _nvcc_available() and not _env_flag("DECONVCUDA_CPU_ONLY")
+    cpu_only, force_cuda = _env_flag("DECONVCUDA_CPU_ONLY"), _env_flag("DECONVCUDA_FORCE_CUDA")
+    if cpu_only and force_cuda:
+        raise SystemExit("deconvcuda: DECONVCUDA_CPU_ONLY and DECONVCUDA_FORCE_CUDA are both set; unset one of them")
+    with_cuda = _nvcc_available() and not cpu_only
+    if force_cuda and not with_cuda:
+        raise SystemExit(
+            "deconvcuda: DECONVCUDA_FORCE_CUDA=1 but nvcc was not found (CUDA_HOME="
+            f"{CUDA_HOME!r}, and none on PATH): install the CUDA toolkit that matches torch.version.cuda "
+            f"({_torch_cuda_version()}), or set CUDA_HOME to it, or unset DECONVCUDA_FORCE_CUDA for a CPU-only build")
     if not with_cuda:
         reason = "DECONVCUDA_CPU_ONLY is set" if _env_flag("DECONVCUDA_CPU_ONLY") else "nvcc was not found"
         print(f"deconvcuda: building the CPU kernels only ({reason})", flush=True)
@@ -85,7 +101,6 @@ def _extension():
     nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
     return CUDAExtension(
         "deconvcuda._C", sources, include_dirs=include_dirs,
-        define_macros=[("DECONVCUDA_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=["-fopenmp"])
 
 

@@ -605,6 +605,28 @@ def test_empty_tensors(device, empty):
     assert fused.shape == (n, 4, 18, 16) and not fused.any()
 
 
+def test_deconv2d_under_per_operator_precision_flags(device):
+    """PyTorch's per-operator float32 precision flags, set differently for conv and rnn, make the
+    operator-less TF32 question raise ("... without a specific operator name"): deconv2d must ask
+    for the convolution's own flag, on every device."""
+    flags = getattr(torch.backends.cudnn, "conv", None), getattr(torch.backends.cudnn, "rnn", None)
+    if flags[0] is None or not hasattr(flags[0], "fp32_precision"):
+        pytest.skip("this torch has no per-operator fp32_precision flags")
+    saved = flags[0].fp32_precision, flags[1].fp32_precision
+    grad, weight = torch.randn(1, 2, 5, 5, device=device), torch.randn(2, 3, 3, 3, device=device)
+    try:
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cudnn.rnn.fp32_precision = "ieee"
+        result = ops.deconv2d(grad, weight, padding=1)
+        unpooled = torch.randn(1, 2, 4, 4, device=device)
+        _, switches = ops.max_pool2d_switches(unpooled, 2)
+        fused = ops.unpool_relu_deconv2d(torch.randn(1, 2, 2, 2, device=device), switches, weight, (4, 4), 2)
+    finally:
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision = saved
+    torch.testing.assert_close(result, F.conv_transpose2d(grad, weight, padding=1), rtol=1e-3, atol=1e-3)
+    assert fused.shape == (1, 3, 6, 6)
+
+
 def test_deconv2d_to_no_channels(device):
     # a forward conv with no input channels: the weight is [C_out, 0, kh, kw], the result [N, 0, H, W]
     grad = torch.randn(2, 3, 5, 5, device=device)
@@ -777,6 +799,10 @@ BAD_INPUTS = [
              r"max_pool2d_switches: kernel_size must have at most 256 taps \(16x16\) .*got \[17, 17\]"),
     BadInput("pool-kernel-16x17", lambda d: (ops.max_pool2d_switches, (_t(1, 1, 20, 20, device=d), (16, 17)), {}),
              r"max_pool2d_switches: kernel_size must have at most 256 taps \(16x16\) .*got \[16, 17\]"),
+    # the product of these overflows int64 (2^64 wraps to 0): the check must not multiply
+    BadInput("pool-kernel-overflowing-product",
+             lambda d: (ops.max_pool2d_switches, (_t(1, 1, 20, 20, device=d), (2**32, 2**32)), {}),
+             r"max_pool2d_switches: kernel_size must have at most 256 taps \(16x16\) .*got \[4294967296, 4294967296\]"),
     BadInput("pool-input-too-small", lambda d: (ops.max_pool2d_switches, (_t(1, 2, 2, 8, device=d), 3), {}),
              r"max_pool2d_switches: input of spatial size \[2, 8\] is too small for kernel_size \[3, 3\]"),
     # unpool_relu

@@ -117,7 +117,8 @@ inline geometry::Pool2d pool_geometry(const char* op, at::IntArrayRef kernel_siz
   check_positive_pair(op, "stride", stride);
   check_non_negative_pair(op, "padding", padding);
   check_positive_pair(op, "dilation", dilation);
-  TORCH_CHECK(kernel_size[0] * kernel_size[1] <= geometry::kMaxKernelTaps, op,
+  // kernel_size[0] <= 256 / kernel_size[1], not the product, which can overflow for huge sizes
+  TORCH_CHECK(kernel_size[0] <= geometry::kMaxKernelTaps / kernel_size[1], op,
               ": kernel_size must have at most 256 taps (16x16) so that a uint8 switch can name each, got ",
               kernel_size);
   TORCH_CHECK(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, op,
@@ -266,6 +267,33 @@ inline FusedGeometry check_unpool_relu_deconv2d(const at::Tensor& grad, const at
   return FusedGeometry{pool, conv, kind};
 }
 
+// Whether PyTorch lets cuDNN convolutions use TF32, asked as PyTorch's own convolutions ask. Torch
+// versions differ: allowTF32CuDNN() (before per-operator precision), allowTF32CuDNN("conv") (the
+// first per-operator API) and allowTF32CuDNN(Float32Op::CONV). Where per-operator flags exist, the
+// operator-less question raises as soon as a user sets them differently for conv and rnn, so the
+// overload is chosen by the member's signature (the three are never overloaded with each other).
+template <typename Member>
+struct ConvTf32Query;
+
+template <typename Context>
+struct ConvTf32Query<bool (Context::*)() const> {
+  static bool ask(const Context& context) { return context.allowTF32CuDNN(); }
+};
+
+template <typename Context>
+struct ConvTf32Query<bool (Context::*)(const std::string&) const> {
+  static bool ask(const Context& context) { return context.allowTF32CuDNN("conv"); }
+};
+
+template <typename Context, typename Op>
+struct ConvTf32Query<bool (Context::*)(std::optional<Op>) const> {
+  static bool ask(const Context& context) { return context.allowTF32CuDNN(Op::CONV); }
+};
+
+inline bool conv_allows_tf32(const at::Context& context) {
+  return ConvTf32Query<decltype(&at::Context::allowTF32CuDNN)>::ask(context);
+}
+
 // deconv2d on any device: ATen's transposed convolution (cuDNN / oneDNN, tensor cores where
 // PyTorch would use them), asked for a deterministic algorithm so results repeat bit for bit.
 inline at::Tensor deconv2d_aten(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
@@ -277,7 +305,7 @@ inline at::Tensor deconv2d_aten(const at::Tensor& input, const at::Tensor& weigh
   auto& context = at::globalContext();
   return at::_convolution(input, weight, /*bias=*/std::nullopt, stride, padding, dilation, /*transposed=*/true,
                           output_padding, groups, /*benchmark=*/false, /*deterministic=*/true,
-                          context.userEnabledCuDNN(), context.allowTF32CuDNN());
+                          context.userEnabledCuDNN(), conv_allows_tf32(context));
 }
 
 }  // namespace checks

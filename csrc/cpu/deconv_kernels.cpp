@@ -165,10 +165,10 @@ void unpool_relu_kernel(const scalar_t* grad, const bool* positive, const uint8_
 //    (channels last, made once per call), and adds value * weights to B accumulators held in
 //    registers: B-wide vector FMAs, no scalar loop over one channel (with_channel_block picks B).
 //
-// The multiply-adds are an explicit fma. Pass 3 is compiled twice: for the build's baseline ISA,
-// and, on x86-64, for AVX2 + FMA, picked at run time when the CPU has them (the build's flags are
-// the baseline's: a wheel built here must run on any x86-64). Each output element is computed by
-// one task in a fixed order (unpooled position, then c_out), so results are the same for any
+// Pass 3 is compiled for the build's baseline ISA (a plain multiply-add) and, on x86-64 with GCC,
+// for AVX2 + FMA and for AVX-512F (explicit FMA intrinsics), picked at run time by what the CPU has
+// (the build's flags are the baseline's: a wheel built here must run on any x86-64). Each output
+// element is computed by one task in a fixed order (gather_row.h), so results are the same for any
 // number of threads, and on one machine bit for bit.
 
 template <typename acc_t>
@@ -207,10 +207,12 @@ int64_t collect_unpooled_values(const scalar_t* grad, const bool* positive, cons
       for (int64_t px = 0; px < pooled_w; ++px) {
         const int64_t index = py * pooled_w + px;
         const int64_t position = target(py, px, index);
-        if (position < 0) continue;
         const acc_t value = Rule::finish(static_cast<acc_t>(grad[index]));
-        // A zero adds nothing to any sum (the accumulators start at +0, so not even a sign is lost).
-        if (value != acc_t(0)) values[count++] = UnpooledValue<acc_t>{static_cast<int32_t>(position), value};
+        // Written always, kept only where it routes something non-zero (a zero adds nothing to any
+        // sum: the accumulators start at +0, so not even a sign is lost). No branch on the value:
+        // after the relu, half of them are zero at random, and a branch would mispredict half the time.
+        values[count] = UnpooledValue<acc_t>{static_cast<int32_t>(position), value};
+        count += (position >= 0) & (value != acc_t(0));
       }
     }
     return count;
@@ -336,6 +338,19 @@ struct DoubleLanes {
   static inline void store(double* p, vec_t v) { _mm256_storeu_pd(p, v); }
   static inline vec_t fma(vec_t a, vec_t b, vec_t c) { return _mm256_fmadd_pd(a, b, c); }
 };
+// 128-bit vectors with FMA (VEX-encoded, so AVX2 machines have them): for blocks of 4 channels
+struct FloatQuadLanes {
+  using value_t = float;
+  using vec_t = __m128;
+  static constexpr int width = 4;
+  static constexpr int accumulators = 8;  // of 16 vector registers: half for accumulators
+  static inline vec_t zero() { return _mm_setzero_ps(); }
+  static inline vec_t add(vec_t a, vec_t b) { return _mm_add_ps(a, b); }
+  static inline vec_t broadcast(float value) { return _mm_set1_ps(value); }
+  static inline vec_t load(const float* p) { return _mm_loadu_ps(p); }
+  static inline void store(float* p, vec_t v) { _mm_storeu_ps(p, v); }
+  static inline vec_t fma(vec_t a, vec_t b, vec_t c) { return _mm_fmadd_ps(a, b, c); }
+};
 #include "cpu/gather_row.h"
 }  // namespace avx2
 #pragma GCC pop_options
@@ -384,6 +399,11 @@ GatherRowFn<B, acc_t> gather_output_row_for_this_cpu() {
   }
   if constexpr (B % Avx2::width == 0) {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &avx2::gather_output_row<B, Avx2>;
+  }
+  if constexpr (is_float && B % avx2::FloatQuadLanes::width == 0) {
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      return &avx2::gather_output_row<B, avx2::FloatQuadLanes>;
+    }
   }
 #endif
   return &baseline::gather_output_row<B, baseline::Lanes<acc_t>>;
@@ -489,13 +509,17 @@ void unpool_relu_deconv2d_kernel(const scalar_t* grad, const bool* positive, con
                                      &cols,
                                      output_w};
         gather_output_row(args, y, row.data());
-        // [x, B] -> output[n, c_in, y, :] for the block's real channels.
+        // [x, B] -> output[n, c_in, y, :] for the block's real channels, 16 positions at a time:
+        // the transposed reads then stay in a few KiB of L1 instead of striding through all of `row`.
         const int64_t channels = std::min<int64_t>(B, in_per_group - channel_block * B);
-        for (int64_t c = 0; c < channels; ++c) {
-          const int64_t c_in = group * in_per_group + channel_block * B + c;
-          scalar_t* out = output + (((n0 + sample) * conv_in_channels + c_in) * output_h + y) * output_w;
-          for (int64_t x = 0; x < output_w; ++x) {
-            out[x] = static_cast<scalar_t>(row[x * B + c]);
+        scalar_t* out = output + (((n0 + sample) * conv_in_channels + group * in_per_group + channel_block * B) *
+                                      output_h + y) * output_w;
+        constexpr int64_t kStrip = 16;
+        for (int64_t x0 = 0; x0 < output_w; x0 += kStrip) {
+          const int64_t x1 = std::min(output_w, x0 + kStrip);
+          for (int64_t c = 0; c < channels; ++c) {
+            scalar_t* out_row = out + c * output_h * output_w;
+            for (int64_t x = x0; x < x1; ++x) out_row[x] = static_cast<scalar_t>(row[x * B + c]);
           }
         }
       }
@@ -530,29 +554,38 @@ void with_channel_block(int64_t in_per_group, int64_t block_bytes_per_channel, F
   }
 }
 
-// [C_out, C_in / groups, kh, kw] -> [groups, blocks, kh, kw, C_out / groups, block], in `dtype`,
-// zero-padded to a whole number of blocks.
-at::Tensor pack_weight(const at::Tensor& weight, int64_t groups, int64_t block, at::ScalarType dtype) {
+// [C_out, C_in / groups, kh, kw] -> [groups, blocks, kh, kw, C_out / groups, B] in acc_t, zero
+// beyond C_in / groups. A loop of its own: a 6-D permuting copy through TensorIterator took a
+// third of the fused op's time at VGG16's last block. Each task reads one filter's B channels
+// (B * kh * kw contiguous values, from L1 after the first tap) and writes B contiguous values per tap.
+template <int B, typename scalar_t>
+at::Tensor pack_weight(const at::Tensor& weight, int64_t groups) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const at::Tensor weight_oihw = weight.contiguous();
   const int64_t out_per_group = weight.size(0) / groups;
   const int64_t in_per_group = weight.size(1);
-  const int64_t blocks = (in_per_group + block - 1) / block;
-  // One strided copy (with the cast) into the packed layout; zeros only where a last block is partial.
-  at::Tensor packed = at::empty({groups, blocks, weight.size(2), weight.size(3), out_per_group, block},
-                                weight.options().dtype(dtype));
-  const int64_t whole = in_per_group / block;  // blocks without padding
-  if (whole > 0) {
-    packed.narrow(1, 0, whole).copy_(weight.narrow(1, 0, whole * block)
-                                         .view({groups, out_per_group, whole, block, weight.size(2), weight.size(3)})
-                                         .permute({0, 2, 4, 5, 1, 3}));
-  }
-  if (whole < blocks) {
-    const int64_t rest = in_per_group - whole * block;
-    at::Tensor last = packed.narrow(1, whole, 1);
-    last.zero_();
-    last.narrow(5, 0, rest).copy_(weight.narrow(1, whole * block, rest)
-                                      .view({groups, out_per_group, 1, rest, weight.size(2), weight.size(3)})
-                                      .permute({0, 2, 4, 5, 1, 3}));
-  }
+  const int64_t taps = weight.size(2) * weight.size(3);
+  const int64_t blocks = (in_per_group + B - 1) / B;
+  at::Tensor packed = at::empty({groups, blocks, weight.size(2), weight.size(3), out_per_group, B},
+                                weight.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const scalar_t* source = weight_oihw.const_data_ptr<scalar_t>();
+  acc_t* target = packed.mutable_data_ptr<acc_t>();
+  // one task per (group, block, c_out)
+  at::parallel_for(0, groups * blocks * out_per_group, grain_for(B * taps), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t channel = task % out_per_group;
+      const int64_t block = (task / out_per_group) % blocks;
+      const int64_t group = task / (out_per_group * blocks);
+      const int64_t lanes = std::min<int64_t>(B, in_per_group - block * B);
+      const scalar_t* filter = source + ((group * out_per_group + channel) * in_per_group + block * B) * taps;
+      acc_t* out = target + ((group * blocks + block) * taps * out_per_group + channel) * B;
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        acc_t* tap_out = out + tap * out_per_group * B;
+        for (int64_t lane = 0; lane < lanes; ++lane) tap_out[lane] = static_cast<acc_t>(filter[lane * taps + tap]);
+        for (int64_t lane = lanes; lane < B; ++lane) tap_out[lane] = acc_t(0);
+      }
+    }
+  });
   return packed;
 }
 
@@ -658,7 +691,7 @@ at::Tensor unpool_relu_deconv2d_cpu(const at::Tensor& grad, const at::Tensor& sw
         weight.size(2) * weight.size(3) * (weight.size(0) / groups) * static_cast<int64_t>(sizeof(acc_t));
     with_channel_block(weight.size(1), block_bytes_per_channel, [&](auto block) {
       constexpr int B = decltype(block)::value;
-      const at::Tensor weight_packed = pack_weight(weight, groups, B, c10::CppTypeToScalarType<acc_t>::value);
+      const at::Tensor weight_packed = pack_weight<B, scalar_t>(weight, groups);
       rules::dispatch_rule(geometry.rule, mask.present(), [&](auto rule_type) {
         unpool_relu_deconv2d_kernel<decltype(rule_type), B, scalar_t>(
             grad_nchw.const_data_ptr<scalar_t>(), mask.data(), switches_nchw.const_data_ptr<uint8_t>(),

@@ -107,13 +107,23 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_switches_cuda(const at::Tensor& in
 // unpool_relu
 // --------------------------------------------------------------------------------------------- //
 
-template <typename Rule, typename scalar_t>
+template <typename Rule, typename index_t, typename scalar_t>
 __global__ void unpool_relu_kernel(int64_t total, const scalar_t* __restrict__ grad, const bool* __restrict__ positive,
                                    const uint8_t* __restrict__ switches, scalar_t* __restrict__ output,
                                    int64_t height, int64_t width, int64_t pooled_h, int64_t pooled_w, Pool2d pool) {
   for (int64_t index = first_work_item(); index < total; index += work_item_stride()) {
-    cuda_elements::unpool_relu_element<Rule>(index, grad, positive, switches, output, height, width, pooled_h,
-                                             pooled_w, pool);
+    cuda_elements::unpool_relu_element<Rule, index_t>(index, grad, positive, switches, output, height, width,
+                                                      pooled_h, pooled_w, pool);
+  }
+}
+
+// f(index_t{}) with int32_t where every tensor of the call fits 32-bit indexing, else int64_t.
+template <typename F>
+void with_index_type(bool fits_int32, F&& f) {
+  if (fits_int32) {
+    f(int32_t{});
+  } else {
+    f(int64_t{});
   }
 }
 
@@ -143,10 +153,13 @@ at::Tensor unpool_relu_cuda(const at::Tensor& grad, const at::Tensor& switches, 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "unpool_relu_cuda", [&] {
     rules::dispatch_rule(call.rule, mask.present(), [&](auto rule_type) {
-      unpool_relu_kernel<decltype(rule_type), scalar_t><<<blocks_for(total), kThreadsPerBlock, 0, stream>>>(
-          total, grad_nchw.const_data_ptr<scalar_t>(), mask.data(), switches_nchw.const_data_ptr<uint8_t>(),
-          output.mutable_data_ptr<scalar_t>(), height, width, pooled_h, pooled_w, call.pool);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_index_type(cuda_elements::fits_int32({grad.numel(), output.numel()}), [&](auto index_type) {
+        unpool_relu_kernel<decltype(rule_type), decltype(index_type), scalar_t>
+            <<<blocks_for(total), kThreadsPerBlock, 0, stream>>>(
+                total, grad_nchw.const_data_ptr<scalar_t>(), mask.data(), switches_nchw.const_data_ptr<uint8_t>(),
+                output.mutable_data_ptr<scalar_t>(), height, width, pooled_h, pooled_w, call.pool);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return output;
@@ -176,15 +189,26 @@ at::Tensor deconv2d_cuda(const at::Tensor& input, const at::Tensor& weight, at::
 // unpool_relu_deconv2d: the fused sparse gather (its work and cost are laid out in elements.cuh)
 // --------------------------------------------------------------------------------------------- //
 
-template <typename Rule, typename scalar_t>
+template <typename Rule, int kChannels, typename index_t, typename scalar_t>
 __global__ void unpool_relu_deconv2d_kernel(int64_t total, const scalar_t* __restrict__ grad,
                                             const bool* __restrict__ positive, const uint8_t* __restrict__ switches,
                                             const scalar_t* __restrict__ weight, scalar_t* __restrict__ output,
                                             FusedShape shape, Pool2d pool, Conv2d conv) {
   for (int64_t index = first_work_item(); index < total; index += work_item_stride()) {
-    cuda_elements::unpool_relu_deconv2d_element<Rule>(index, grad, positive, switches, weight, output, shape, pool,
-                                                      conv);
+    cuda_elements::unpool_relu_deconv2d_element<Rule, kChannels, index_t>(index, grad, positive, switches, weight,
+                                                                         output, shape, pool, conv);
   }
+}
+
+// Threads the current GPU runs at once: the fused kernel's channels per thread are chosen to leave
+// at least this many work items.
+int64_t resident_threads() {
+  const int device = c10::cuda::current_device();
+  int multiprocessors = 0, threads_per_multiprocessor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&threads_per_multiprocessor, cudaDevAttrMaxThreadsPerMultiProcessor, device));
+  return int64_t(multiprocessors) * threads_per_multiprocessor;
 }
 
 at::Tensor unpool_relu_deconv2d_cuda(const at::Tensor& grad, const at::Tensor& switches, const at::Tensor& weight,
@@ -198,11 +222,19 @@ at::Tensor unpool_relu_deconv2d_cuda(const at::Tensor& grad, const at::Tensor& s
                                          conv_stride, conv_padding, conv_dilation, groups, output_size, rule, positive);
   at::cuda::CUDAGuard device_guard(grad.device());
 
-  const FusedShape shape = FusedShape::of(weight.size(0), weight.size(1), groups, grad.size(2), grad.size(3),
-                                         input_size[0], input_size[1], output_size[0], output_size[1]);
   const int64_t batch = grad.size(0);
-  at::Tensor output =
-      at::empty({batch, shape.in_channels_per_group * groups, shape.out_h, shape.out_w}, grad.options());
+  const int64_t in_channels = weight.size(1) * groups;
+  // 32-bit indices where every tensor allows them; the 64-bit path (tensors past 2^31 elements,
+  // rare) keeps one channel per thread, so that it adds one kernel instance, not three.
+  const bool small = cuda_elements::fits_int32(
+      {grad.numel(), weight.numel(), batch * in_channels * output_size[0] * output_size[1]});
+  const FusedShape shape = FusedShape::of(
+      weight.size(0), weight.size(1), groups, grad.size(2), grad.size(3), input_size[0], input_size[1],
+      output_size[0], output_size[1],
+      small ? cuda_elements::choose_channels_per_thread(batch, groups, weight.size(1), output_size[0],
+                                                        output_size[1], resident_threads())
+            : 1);
+  at::Tensor output = at::empty({batch, in_channels, shape.out_h, shape.out_w}, grad.options());
   if (output.numel() == 0) {
     return output;
   }
@@ -219,11 +251,20 @@ at::Tensor unpool_relu_deconv2d_cuda(const at::Tensor& grad, const at::Tensor& s
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "unpool_relu_deconv2d_cuda", [&] {
     rules::dispatch_rule(fused.rule, mask.present(), [&](auto rule_type) {
-      unpool_relu_deconv2d_kernel<decltype(rule_type), scalar_t><<<blocks_for(total), kThreadsPerBlock, 0, stream>>>(
-          total, grad_nchw.const_data_ptr<scalar_t>(), mask.data(), switches_nchw.const_data_ptr<uint8_t>(),
-          weight_oihw.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), shape, fused.pool,
-          fused.conv);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const auto launch = [&](auto channels, auto index_type) {
+        unpool_relu_deconv2d_kernel<decltype(rule_type), decltype(channels)::value, decltype(index_type), scalar_t>
+            <<<blocks_for(total), kThreadsPerBlock, 0, stream>>>(
+                total, grad_nchw.const_data_ptr<scalar_t>(), mask.data(), switches_nchw.const_data_ptr<uint8_t>(),
+                weight_oihw.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), shape, fused.pool,
+                fused.conv);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (small) {
+        cuda_elements::with_channels_per_thread(shape.channels_per_thread,
+                                                [&](auto channels) { launch(channels, int32_t{}); });
+      } else {
+        launch(std::integral_constant<int, 1>(), int64_t{});
+      }
     });
   });
   return output;

@@ -11,7 +11,10 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 #include "common/geometry.h"
 #include "common/rules.h"
@@ -49,18 +52,21 @@ DECONV_HOST_DEVICE void max_pool2d_switches_element(int64_t index, const scalar_
 // (rules.h) of the sum of the pooled values whose switch selects it and that the rule routes. A
 // switch that names no tap, or a tap in the padding, matches no position, so it is never followed
 // outside the tensors. `positive` is read only by the masked rules.
-template <typename Rule, typename scalar_t>
-DECONV_HOST_DEVICE void unpool_relu_element(int64_t index, const scalar_t* grad, const bool* positive,
+template <typename Rule, typename index_t, typename scalar_t>
+DECONV_HOST_DEVICE void unpool_relu_element(int64_t work_item, const scalar_t* grad, const bool* positive,
                                             const uint8_t* switches, scalar_t* output, int64_t height, int64_t width,
                                             int64_t pooled_h, int64_t pooled_w, const Pool2d& pool) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t x = index % width;
-  const int64_t y = (index / width) % height;
-  const int64_t plane_offset = (index / (width * height)) * pooled_h * pooled_w;
+  // index_t: int32_t where every tensor of the call has fewer than 2^31 elements (fits_int32)
+  const index_t index = static_cast<index_t>(work_item);
+  const index_t x = index % static_cast<index_t>(width);
+  const index_t y = (index / static_cast<index_t>(width)) % static_cast<index_t>(height);
+  const index_t plane_offset =
+      (index / static_cast<index_t>(width * height)) * static_cast<index_t>(pooled_h * pooled_w);
   const acc_t sum = geometry::unpooled_sum<Rule, scalar_t, acc_t>(
       grad + plane_offset, Rule::masked ? positive + plane_offset : nullptr, switches + plane_offset, pooled_w, 1,
       pooled_w, 1, pooled_h, pooled_w, pool, y, x);
-  output[index] = static_cast<scalar_t>(Rule::finish(sum));
+  output[work_item] = static_cast<scalar_t>(Rule::finish(sum));
 }
 
 // --------------------------------------------------------------------------------------------- //
@@ -84,31 +90,41 @@ DECONV_HOST_DEVICE void unpool_relu_element(int64_t index, const scalar_t* grad,
 //     never written; the bytes moved are grad and switches (C_out * P * (sizeof(scalar_t) + 1),
 //     re-read from L1/L2 by neighbouring pixels), the weight and the output, once.
 // Per visit the cost is integer work (switch decode, bounds, tap match) plus one weight load and
-// FMA per output channel, so each thread computes kChannelsPerThread output channels of one pixel:
-// the decode is done once for all of them. Threads of a warp are neighbouring x of one row, so they
+// FMA per output channel, so each work item computes several output channels of one pixel (how
+// many is chosen per launch: choose_channels_per_thread): the decode is done once for all of them. Threads of a warp are neighbouring x of one row, so they
 // read the same or neighbouring switches and the same few weight taps (cached broadcasts), and write
 // coalesced rows. Overlapping pools (AlexNet's 3x3 stride 2) add up to one unpooled_sum per visit,
 // and each selected position is counted once, at the first window that selects it.
 
-// Output channels per thread (of one group, one pixel). 4 keeps the accumulators in registers and
-// wastes at most 3 of 4 lanes only for groups of fewer than 4 input channels.
-constexpr int kChannelsPerThread = 4;
+// The multiply-add of the fused gather, written as one fused multiply-add on both sides: nvcc
+// would contract `acc += w * v` into an FMA and the host compiler (ISO C++ mode) would not, so only
+// an explicit fma makes the host emulation bit-exact with the device.
+template <typename acc_t>
+DECONV_HOST_DEVICE acc_t multiply_add(acc_t a, acc_t b, acc_t c) {
+#ifdef __CUDA_ARCH__
+  return fma(a, b, c);  // CUDA's overloads for float and double
+#else
+  return std::fma(a, b, c);
+#endif
+}
 
 // Sizes of one fused call, passed to the kernel by value.
 struct FusedShape {
   int64_t out_channels;              // C_out: grad's channels, weight.size(0)
   int64_t in_channels_per_group;     // weight.size(1)
   int64_t groups;
-  int64_t channel_tiles;             // ceil(in_channels_per_group / kChannelsPerThread)
+  int64_t channels_per_thread;       // input channels one work item computes (choose_channels_per_thread)
+  int64_t channel_tiles;             // ceil(in_channels_per_group / channels_per_thread)
   int64_t pooled_h, pooled_w;        // grad's spatial size
   int64_t height, width;             // the pool's input = the conv's output (input_size)
   int64_t out_h, out_w;              // the deconv's output (output_size)
 
   // The sizes of a call whose arguments checks::check_unpool_relu_deconv2d has accepted.
   static FusedShape of(int64_t out_channels, int64_t in_channels_per_group, int64_t groups, int64_t pooled_h,
-                       int64_t pooled_w, int64_t height, int64_t width, int64_t out_h, int64_t out_w) {
-    return FusedShape{out_channels, in_channels_per_group, groups,
-                      geometry::ceil_div(in_channels_per_group, kChannelsPerThread),
+                       int64_t pooled_w, int64_t height, int64_t width, int64_t out_h, int64_t out_w,
+                       int64_t channels_per_thread) {
+    return FusedShape{out_channels, in_channels_per_group, groups, channels_per_thread,
+                      geometry::ceil_div(in_channels_per_group, channels_per_thread),
                       pooled_h, pooled_w, height, width, out_h, out_w};
   }
 
@@ -116,31 +132,73 @@ struct FusedShape {
   int64_t work_items(int64_t batch) const { return batch * groups * channel_tiles * out_h * out_w; }
 };
 
+// Input channels per work item, chosen per launch (host code). A work item walks every output
+// channel of its group and every pooled window under its pixel, decoding each switch once for all
+// of its channels: more channels per item divide that integer work, fewer give more items. So: 8
+// or 4 (no more than the group has) where that still leaves `resident_threads` work items (what the
+// GPU runs at once: enough to hide latency), else 1. Three sizes only: each is a kernel instance
+// per rule and dtype.
+inline int64_t choose_channels_per_thread(int64_t batch, int64_t groups, int64_t in_channels_per_group,
+                                          int64_t out_h, int64_t out_w, int64_t resident_threads) {
+  const int64_t pixels = batch * groups * out_h * out_w;
+  for (const int64_t channels : {int64_t(8), int64_t(4)}) {
+    if (channels > in_channels_per_group * 2 - 1) continue;  // at most the next power of two above it
+    if (pixels * geometry::ceil_div(in_channels_per_group, channels) >= resident_threads) return channels;
+  }
+  return 1;
+}
+
+// f(std::integral_constant<int, C>) for C = channels_per_thread (8, 4 or 1).
+template <typename F>
+void with_channels_per_thread(int64_t channels_per_thread, F&& f) {
+  switch (channels_per_thread) {
+    case 8: f(std::integral_constant<int, 8>()); return;
+    case 4: f(std::integral_constant<int, 4>()); return;
+    default: f(std::integral_constant<int, 1>()); return;
+  }
+}
+
+// Whether every index of a call fits int32 (each tensor has fewer than 2^31 elements): then the
+// elements decompose their work item and compute their offsets in 32 bits, which the GPU divides
+// several times faster than 64-bit integers.
+inline bool fits_int32(std::initializer_list<int64_t> numels) {
+  for (const int64_t numel : numels) {
+    if (numel >= (int64_t(1) << 31)) return false;
+  }
+  return true;
+}
+
 // The work item `index` of [N, groups, channel_tiles, out_h, out_w]: output pixel (y, x) of up to
-// kChannelsPerThread consecutive input channels of one group, under the rule `Rule` (rules.h).
-template <typename Rule, typename scalar_t>
-DECONV_HOST_DEVICE void unpool_relu_deconv2d_element(int64_t index, const scalar_t* grad, const bool* positive,
-                                                     const uint8_t* switches,
-                                                     const scalar_t* weight, scalar_t* output,
-                                                     const FusedShape& shape, const Pool2d& pool,
+// kChannels consecutive input channels of one group, under the rule `Rule` (rules.h). index_t:
+// int32_t where fits_int32 says so for grad, weight and output, else int64_t.
+template <typename Rule, int kChannels, typename index_t, typename scalar_t>
+DECONV_HOST_DEVICE void unpool_relu_deconv2d_element(int64_t work_item, const scalar_t* grad, const bool* positive,
+                                                     const uint8_t* switches, const scalar_t* weight,
+                                                     scalar_t* output, const FusedShape& shape, const Pool2d& pool,
                                                      const Conv2d& conv) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t x = index % shape.out_w;
-  const int64_t y = (index / shape.out_w) % shape.out_h;
-  int64_t rest = index / (shape.out_w * shape.out_h);
-  const int64_t tile = rest % shape.channel_tiles;
-  rest /= shape.channel_tiles;
-  const int64_t group = rest % shape.groups;
-  const int64_t n = rest / shape.groups;
+  const index_t index = static_cast<index_t>(work_item);
+  const index_t out_w = static_cast<index_t>(shape.out_w), out_h = static_cast<index_t>(shape.out_h);
+  const index_t channel_tiles = static_cast<index_t>(shape.channel_tiles);
+  const index_t groups = static_cast<index_t>(shape.groups);
+  const index_t x = index % out_w;
+  const index_t y = (index / out_w) % out_h;
+  index_t rest = index / (out_w * out_h);
+  const index_t tile = rest % channel_tiles;
+  rest /= channel_tiles;
+  const index_t group = rest % groups;
+  const index_t n = rest / groups;
 
-  const int64_t first_channel = tile * kChannelsPerThread;  // within the group
-  const int64_t channels = std::min<int64_t>(kChannelsPerThread, shape.in_channels_per_group - first_channel);
-  const int64_t out_channels_per_group = shape.out_channels / shape.groups;
-  const int64_t taps_per_filter = conv.kernel_h * conv.kernel_w;
+  const index_t in_per_group = static_cast<index_t>(shape.in_channels_per_group);
+  const index_t first_channel = tile * kChannels;  // within the group
+  const index_t channels = in_per_group - first_channel < kChannels ? in_per_group - first_channel : kChannels;
+  const index_t out_channels_per_group = static_cast<index_t>(shape.out_channels / shape.groups);
+  const index_t taps_per_filter = static_cast<index_t>(conv.kernel_h * conv.kernel_w);
   const int pool_taps = static_cast<int>(pool.kernel_h * pool.kernel_w);  // <= 256
   const int pool_kernel_w = static_cast<int>(pool.kernel_w);
   const bool pool_overlaps = geometry::windows_overlap(pool.kernel_h, pool.stride_h, pool.dilation_h) ||
                              geometry::windows_overlap(pool.kernel_w, pool.stride_w, pool.dilation_w);
+  const index_t pooled_w = static_cast<index_t>(shape.pooled_w);
 
   // The conv-output positions some conv tap maps onto (y, x), clipped to the pool's input, and the
   // pooled windows whose span reaches them.
@@ -148,8 +206,8 @@ DECONV_HOST_DEVICE void unpool_relu_deconv2d_element(int64_t index, const scalar
       geometry::windows_spanning(y, shape.height, conv.kernel_h, conv.stride_h, conv.padding_h, conv.dilation_h);
   const geometry::WindowRange conv_cols =
       geometry::windows_spanning(x, shape.width, conv.kernel_w, conv.stride_w, conv.padding_w, conv.dilation_w);
-  acc_t acc[kChannelsPerThread];
-  for (int t = 0; t < kChannelsPerThread; ++t) acc[t] = acc_t(0);
+  acc_t acc[kChannels];
+  for (int t = 0; t < kChannels; ++t) acc[t] = acc_t(0);
 
   if (conv_rows.first <= conv_rows.last && conv_cols.first <= conv_cols.last) {
     const geometry::WindowRange window_rows = geometry::windows_spanning_range(
@@ -158,19 +216,21 @@ DECONV_HOST_DEVICE void unpool_relu_deconv2d_element(int64_t index, const scalar
     const geometry::WindowRange window_cols = geometry::windows_spanning_range(
         conv_cols.first, conv_cols.last, shape.pooled_w, pool.kernel_w, pool.stride_w, pool.padding_w,
         pool.dilation_w);
-    const int64_t plane_size = shape.pooled_h * shape.pooled_w;
+    const index_t plane_size = static_cast<index_t>(shape.pooled_h) * pooled_w;
+    const index_t out_channels = static_cast<index_t>(shape.out_channels);
 
-    for (int64_t co = group * out_channels_per_group; co < (group + 1) * out_channels_per_group; ++co) {
-      const int64_t plane_offset = (n * shape.out_channels + co) * plane_size;
+    for (index_t co = group * out_channels_per_group; co < (group + 1) * out_channels_per_group; ++co) {
+      const index_t plane_offset = (n * out_channels + co) * plane_size;
       const scalar_t* grad_plane = grad + plane_offset;
       const uint8_t* switch_plane = switches + plane_offset;
       const bool* positive_plane = Rule::masked ? positive + plane_offset : nullptr;
       // weight[co, first_channel + t, :, :] starts at filters + t * taps_per_filter.
-      const scalar_t* filters = weight + (co * shape.in_channels_per_group + first_channel) * taps_per_filter;
+      const scalar_t* filters = weight + (co * in_per_group + first_channel) * taps_per_filter;
 
-      for (int64_t py = window_rows.first; py <= window_rows.last; ++py) {
-        for (int64_t px = window_cols.first; px <= window_cols.last; ++px) {
-          const int switch_tap = switch_plane[py * shape.pooled_w + px];
+      for (index_t py = static_cast<index_t>(window_rows.first); py <= static_cast<index_t>(window_rows.last); ++py) {
+        for (index_t px = static_cast<index_t>(window_cols.first); px <= static_cast<index_t>(window_cols.last);
+             ++px) {
+          const int switch_tap = switch_plane[py * pooled_w + px];
           if (switch_tap >= pool_taps) continue;  // names no tap
           const int64_t sy = geometry::position_of(py, switch_tap / pool_kernel_w, pool.stride_h, pool.padding_h,
                                                    pool.dilation_h);
@@ -194,23 +254,23 @@ DECONV_HOST_DEVICE void unpool_relu_deconv2d_element(int64_t index, const scalar
                 grad_plane, positive_plane, switch_plane, shape.pooled_w, 1, shape.pooled_w, 1, shape.pooled_h,
                 shape.pooled_w, pool, sy, sx));
           } else {
-            if (!Rule::routes(positive_plane, py * shape.pooled_w + px)) continue;
-            value = Rule::finish(static_cast<acc_t>(grad_plane[py * shape.pooled_w + px]));
+            if (!Rule::routes(positive_plane, py * pooled_w + px)) continue;
+            value = Rule::finish(static_cast<acc_t>(grad_plane[py * pooled_w + px]));
           }
-          const scalar_t* tap = filters + cy * conv.kernel_w + cx;
-          for (int t = 0; t < kChannelsPerThread; ++t) {
-            if (t < channels) acc[t] += static_cast<acc_t>(tap[t * taps_per_filter]) * value;
+          const scalar_t* tap = filters + static_cast<index_t>(cy * conv.kernel_w + cx);
+          for (int t = 0; t < kChannels; ++t) {
+            if (t < channels) acc[t] = multiply_add(static_cast<acc_t>(tap[t * taps_per_filter]), value, acc[t]);
           }
         }
       }
     }
   }
 
-  const int64_t in_channels = shape.in_channels_per_group * shape.groups;
-  const int64_t first_output_channel = group * shape.in_channels_per_group + first_channel;
-  scalar_t* out = output + ((n * in_channels + first_output_channel) * shape.out_h + y) * shape.out_w + x;
-  for (int t = 0; t < kChannelsPerThread; ++t) {
-    if (t < channels) out[t * shape.out_h * shape.out_w] = static_cast<scalar_t>(acc[t]);
+  const index_t in_channels = in_per_group * groups;
+  const index_t first_output_channel = group * in_per_group + first_channel;
+  scalar_t* out = output + ((n * in_channels + first_output_channel) * out_h + y) * out_w + x;
+  for (int t = 0; t < kChannels; ++t) {
+    if (t < channels) out[t * out_h * out_w] = static_cast<scalar_t>(acc[t]);
   }
 }
 
