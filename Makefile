@@ -20,7 +20,7 @@ VERBOSE ?= 0
 export MAX_JOBS ?= 2
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/common/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/common/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: all build test demo evolution-demo bench clean distclean
 
