@@ -1,5 +1,6 @@
 """Per-shape dispatch by measurement: where an op has several exact implementations, time each once
-per shape, device and dtype, and use the fastest for the rest of the process (as
+per shape (batch sizes by powers of two), device and dtype, and use the fastest for the rest of the
+process (as
 ``torch.backends.cudnn.benchmark`` does for convolutions).
 
     kernels = Dispatcher(ops)          # ops: deconvcuda.ops
@@ -27,7 +28,17 @@ __all__ = ["AUTOTUNE", "Dispatcher", "deconv2d_gemm"]
 AUTOTUNE = os.environ.get("DECONVCUDA_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 #: The choices made so far in this process: {(op, shapes, arguments, device, dtype): candidate name}.
+#: Batch sizes count by powers of two, so the chunks of one run (and the next runs) reuse a choice.
 CHOICES: Dict[Hashable, str] = {}
+
+#: The GEMM + col2im deconvolution is a candidate only for inputs of at most this many positions
+#: (the windows of point projections); on whole maps its column buffer is the map times the kernel.
+GEMM_MAX_POSITIONS = 256
+
+
+def _bucket(batch: int) -> int:
+    """The power of two at or above ``batch``."""
+    return 1 << max(0, int(batch) - 1).bit_length()
 
 
 def _pair(value) -> Tuple[int, int]:
@@ -69,15 +80,15 @@ class Dispatcher:
         chosen = CHOICES.get(key)
         if chosen is not None:
             return candidates[chosen]()
+        if len(candidates) == 1:
+            return next(iter(candidates.values()))()
         best: Optional[Tuple[float, str, torch.Tensor]] = None
         for name, candidate in candidates.items():
-            elapsed = float("inf")
-            for _ in range(2):  # the better of two: the first call of a shape pays one-time setup (oneDNN, cuDNN)
-                _synchronize(like)
-                start = time.perf_counter()
-                result = candidate()
-                _synchronize(like)
-                elapsed = min(elapsed, time.perf_counter() - start)
+            _synchronize(like)
+            start = time.perf_counter()
+            result = candidate()
+            _synchronize(like)
+            elapsed = time.perf_counter() - start
             if best is None or elapsed < best[0]:
                 best = (elapsed, name, result)
         CHOICES[key] = best[1]
@@ -86,12 +97,12 @@ class Dispatcher:
     def deconv2d(self, input, weight, stride=1, padding=0, dilation=1, groups=1, output_size=None):
         if input.numel() == 0 or weight.numel() == 0:
             return self.ops.deconv2d(input, weight, stride, padding, dilation, groups, output_size)
-        key = (tuple(input.shape), tuple(weight.shape), str(stride), str(padding), str(dilation), groups,
-               str(output_size))
-        return self._choose("deconv2d", {
-            "op": lambda: self.ops.deconv2d(input, weight, stride, padding, dilation, groups, output_size),
-            "gemm": lambda: deconv2d_gemm(input, weight, stride, padding, dilation, groups, output_size),
-        }, key, input)
+        key = (_bucket(input.shape[0]),) + tuple(input.shape[1:]) + (tuple(weight.shape), str(stride), str(padding),
+                                                                    str(dilation), groups, str(output_size))
+        candidates = {"op": lambda: self.ops.deconv2d(input, weight, stride, padding, dilation, groups, output_size)}
+        if input.shape[2] * input.shape[3] <= GEMM_MAX_POSITIONS:
+            candidates["gemm"] = lambda: deconv2d_gemm(input, weight, stride, padding, dilation, groups, output_size)
+        return self._choose("deconv2d", candidates, key, input)
 
     def unpool_relu_deconv2d(self, grad, switches, weight, input_size, kernel_size, stride=None, padding=0,
                              dilation=1, conv_stride=1, conv_padding=0, conv_dilation=1, groups=1, output_size=None,
@@ -100,7 +111,7 @@ class Dispatcher:
             return self.ops.unpool_relu_deconv2d(grad, switches, weight, input_size, kernel_size, stride, padding,
                                                  dilation, conv_stride, conv_padding, conv_dilation, groups,
                                                  output_size, rule, positive)
-        key = (tuple(grad.shape), tuple(weight.shape), str(input_size), str(kernel_size), str(stride), str(padding),
+        key = (_bucket(grad.shape[0]),) + tuple(grad.shape[1:]) + (tuple(weight.shape), str(input_size), str(kernel_size), str(stride), str(padding),
                str(dilation), str(conv_stride), str(conv_padding), str(conv_dilation), groups, str(output_size), rule)
 
         def fused():
