@@ -624,8 +624,7 @@ def _scan(graph, names: List[str], k: int, source: batches.DataSource, start: in
 
     total = None if stop is None else stop - start
     done_before = position - start
-    bar = tqdm(total=total, initial=done_before, desc=f"top-{k} {_describe(names)}", unit="image",
-               dynamic_ncols=True, disable=not progress)
+    bar = _progress_bar(tqdm, total, done_before, f"top-{k} {_describe(names)}", progress)
     pin = device.type == "cuda"
     first_shape = None if input_info is None else input_info[0]
     try:
@@ -674,3 +673,50 @@ def _results(running: Dict[str, _Running]) -> Optional[Dict[str, TopActivations]
 
 def _describe(names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else f"{len(names)} layers"
+
+
+class _LineProgress:
+    """Progress for a file or a CI log (stderr is not a terminal): a plain line at each tenth of the
+    images (or every 10 batches' worth when the count is unknown), never carriage returns."""
+
+    def __init__(self, total, initial: int, desc: str):
+        import time
+
+        self.total, self.done, self.initial, self.desc, self.clock = total, initial, initial, desc, time.perf_counter
+        self.started, self.next_share, self.lines = self.clock(), 0.1, 0
+
+    def update(self, count: int) -> None:
+        import sys
+
+        self.done += count
+        if self.total:
+            if self.done < self.next_share * self.total and self.done < self.total:
+                return
+            while self.next_share * self.total <= self.done:
+                self.next_share += 0.1
+        elapsed = self.clock() - self.started
+        of = f"/{self.total}" if self.total else ""
+        rate = (self.done - self.initial) / max(elapsed, 1e-9)
+        left = f", about {(self.total - self.done) / rate:.0f} s left" if self.total and rate > 0 and \
+            self.done < self.total else ""
+        print(f"{self.desc}: {self.done}{of} images, {rate:.1f} image/s, {elapsed:.0f} s so far{left}",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress_bar(tqdm, total, initial: int, desc: str, enabled: bool):
+    """The scan's progress on stderr: a tqdm bar (images, images per second, time left) in a
+    terminal, plain lines in a file or CI log."""
+    import sys
+
+    if enabled and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        return _LineProgress(total, initial, desc)
+    return tqdm(total=total, initial=initial, desc=desc, unit="image", dynamic_ncols=True, disable=not enabled)

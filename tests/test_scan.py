@@ -144,6 +144,8 @@ def test_progress_bar_of_a_list_counts_images(model, capsys):
     deconvcuda.top_activations(model, images(5, seed=8), ["features.1", "fc"], k=2, batch_size=2, progress=True)
     err = capsys.readouterr().err
     assert "top-2 2 layers" in err and "5/5" in err and "image/s" in err, err
+    # stderr is not a terminal here (a log file, CI): plain lines, no carriage returns or escape codes
+    assert "\r" not in err and "\x1b" not in err, repr(err)
 
 
 # --------------------------------------------------------------------------------------------- #
