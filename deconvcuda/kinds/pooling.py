@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..geometry import pool_output_size
-from ..windows import Windows, extent
+from ..windows import extent
 from .activations import RECTIFIER_RULES
 from .base import At, Kind, pair, register
 
@@ -81,18 +81,19 @@ class MaxPool(Kind):
     def grow(self, windows):
         return windows.grow(extent(self.kernel_size, self.dilation), self.stride, self.padding)
 
-    def _unpooled(self, at: At) -> Tuple[Tuple[int, int], Tuple[int, int], Optional[Windows]]:
-        """The unpooled map's size and the padding to unpool with (full maps, or the grown windows)."""
+    def _unpooled(self, at: At) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+        """The unpooled map's size and the padding to unpool with (full maps, or the grown windows,
+        which start where the padding would)."""
         if at.windows is None:
-            return tuple(at.in_shapes[0][1:]), self.padding, None
+            return tuple(at.in_shapes[0][1:]), self.padding
         grown = self.grow(at.windows)
-        return (grown.height, grown.width), (0, 0), grown
+        return (grown.height, grown.width), (0, 0)
 
     def reverse(self, g, at):
         """The plain switch unpooling (the gradient of a max pool); values land on switches only,
         which lie inside the map, so windows need no zeroing."""
         switches, _ = at.saved
-        size, padding, _ = self._unpooled(at)
+        size, padding = self._unpooled(at)
         # rule "gradient" without a mask: each pooled value to its switch, no rectification
         return [at.kernels.unpool_relu(g, at.map_of(switches), size, self.kernel_size, self.stride, padding,
                                        self.dilation, rule="gradient")]
@@ -100,7 +101,7 @@ class MaxPool(Kind):
     def reverse_with_relu(self, g, at: At) -> List[torch.Tensor]:
         """The reverse of ReLU -> this pool in one ``unpool_relu`` call, under any rule."""
         switches, positive = at.saved
-        size, padding, _ = self._unpooled(at)
+        size, padding = self._unpooled(at)
         return [at.kernels.unpool_relu(g, at.map_of(switches), size, self.kernel_size, self.stride, padding,
                                        self.dilation, **_rule_arguments(at, positive))]
 
