@@ -203,18 +203,20 @@ def _target_node(graph: fx.Graph, tracer: _RecordingTracer, layer: str, caller: 
         raise ValueError(f"{caller}: layer {layer!r} is never called by the model's forward (or does not return a "
                          f"single tensor), so it has no output to project")
     if len(calls) > 1:
-        where = ", ".join(f"call {i + 1} returns fx node '{node.name}'" + _sits_in(node) for i, node in enumerate(calls))
+        where = ", ".join(f"call {i + 1} returns fx node '{node.name}'"
+                          + (f" in '{_enclosing_module(node)}'" if _enclosing_module(node) else "") for i, node in enumerate(calls))
         raise ValueError(f"{caller}: layer {layer!r} is called {len(calls)} times in the model's forward ({where}), so "
                          f"it has no single output; name a layer that is called once (for a reused ReLU, the block "
                          f"or conv around the call you mean)")
     return calls[0]
 
 
-def _sits_in(node: fx.Node) -> str:
+def _enclosing_module(node: fx.Node) -> str:
+    """The qualified name of the innermost module a call sits in ("" for the model's own forward)."""
     paths = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
     if node.op == "call_module" and paths and paths[-1] == node.target:
-        paths = paths[:-1]
-    return f" in '{paths[-1]}'" if paths and paths[-1] else ""
+        paths = paths[:-1]  # a module call's stack ends with the module itself
+    return paths[-1] if paths else ""
 
 
 def layers(model: nn.Module, input_shape: Sequence[int]) -> List[LayerInfo]:
@@ -266,11 +268,7 @@ class _Reader:
         return f"{node.op} '{node.target}'"
 
     def where(self, node: fx.Node) -> str:
-        """The qualified name of the innermost module a call sits in ("" for the model's own forward)."""
-        paths = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
-        if node.op == "call_module" and paths and paths[-1] == node.target:
-            paths = paths[:-1]  # a module call's stack ends with the module itself
-        return paths[-1] if paths else ""
+        return _enclosing_module(node)
 
     def in_module(self, node: fx.Node) -> str:
         where = self.where(node)
@@ -302,16 +300,6 @@ class _Reader:
             if isinstance(tensor, torch.Tensor):
                 return tensor
         self.fail(node, f"takes its {name} from a computation; only a parameter or buffer of the model is supported")
-
-    def is_shape(self, node: fx.Node) -> bool:
-        """Shape-only nodes (``x.size(0)``, ``x.shape``, ``x.dim()`` and items of them) carry no data."""
-        if node.op == "call_method" and node.target in ("size", "dim"):
-            return True
-        if node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "ndim"):
-            return True
-        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-            return self.is_shape(node.args[0])
-        return False
 
     def is_batch_size(self, node: fx.Node) -> bool:
         """``x.size(0)``, ``x.size()[0]`` or ``x.shape[0]``."""
