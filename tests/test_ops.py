@@ -14,7 +14,10 @@ they are the same in every run; ``FIXED_*`` cases pin the layers that matter (Al
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 from typing import Optional, Tuple
 
 import pytest
@@ -286,6 +289,11 @@ FIXED_FUSED_CASES = [
     FusedCase("zfnet_conv1_pool1", 1, 3, 4, (31, 31), Conv((7, 7), (2, 2), (1, 1)), Pool((3, 3), (2, 2), (1, 1))),
     FusedCase("grouped_ties", 1, 4, 6, (12, 12), Conv((3, 3), (1, 1), (1, 1), groups=2), ALEXNET_POOL,
               integers=True),
+    # the CPU kernel's two ways of pass 3: rows of 11 taps scattered (3 input channels), rows of 19
+    # (more than one vector), and a 64-wide block of 40 channels gathered
+    FusedCase("alexnet_conv1_pool1", 2, 3, 8, (67, 67), Conv((11, 11), (4, 4), (2, 2)), ALEXNET_POOL),
+    FusedCase("long_filter_rows", 1, 2, 3, (9, 40), Conv((3, 19), (1, 2), (1, 9)), VGG_POOL),
+    FusedCase("wide_channel_block", 1, 40, 6, (11, 11), Conv((3, 3), (1, 1), (1, 1)), VGG_POOL),
 ]
 
 N_RANDOM = 45  # per op and dtype: with the fixed cases, a few hundred per op over the four dtypes
@@ -551,6 +559,20 @@ def test_layouts_give_the_same_answers(device, layout):
     fused_l = ops.unpool_relu_deconv2d(to_layout(grad), to_layout(switches), to_layout(weight),
                                        *fused_args(case, pool_input))
     torch.testing.assert_close(fused_l, fused, msg=lambda m: f"unpool_relu_deconv2d, {layout}: {m}")
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_narrower_instruction_sets(device, capability):
+    """The CPU kernel's AVX2 and plain loops, which a CPU with AVX-512 would never pick: PyTorch's
+    ATEN_CPU_CAPABILITY caps its kernels and ours, so every fused-op case runs again under it."""
+    if device != "cpu":
+        pytest.skip("instruction sets are a CPU matter")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "test_unpool_relu_deconv2d and cpu and (float32 or float64)"],
+                         env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert run.returncode == 0 and " passed" in run.stdout, f"under ATEN_CPU_CAPABILITY={capability}:\n" \
+                                                            f"{run.stdout[-4000:]}{run.stderr[-2000:]}"
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)

@@ -19,12 +19,14 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -158,18 +160,24 @@ void unpool_relu_kernel(const scalar_t* grad, const bool* positive, const uint8_
 //    routed values, not with the map's size.
 // 2. Per (n, group): those lists regrouped by position (compressed rows: for every unpooled
 //    position, the (c_out, value) pairs routed there, in increasing c_out).
-// 3. A gather per output row and block of B input channels: every output position (y, x) visits
-//    the unpooled positions its transposed-conv taps reach (tables made once per call, so no
-//    division in the loops), and for each value routed there reads ONE filter tap, the B weights
-//    weight[c_out, block, ky, kx], contiguous in the packed layout [group, block, kh, kw, c_out, B]
-//    (channels last, made once per call), and adds value * weights to B accumulators held in
-//    registers: B-wide vector FMAs, no scalar loop over one channel (with_channel_block picks B).
+// 3. One of two, by the layer's shape (scatters_rows):
+//    - a gather per output row and block of B input channels (GatherPass, gather_row.h): every
+//      output position (y, x) visits the unpooled positions its transposed-conv taps reach (tables
+//      made once per call, so no division in the loops), and for each value routed there reads ONE
+//      filter tap, the B weights weight[c_out, block, ky, kx], contiguous in the packed layout
+//      [group, block, kh, kw, c_out, B] (channels last, made once per call), and adds value *
+//      weights to B accumulators held in registers: B-wide vector FMAs, no scalar loop over one
+//      channel (with_channel_block picks B);
+//    - for a layer with at most 4 input channels per group (an image's first conv), a scatter per
+//      output plane (ScatterPass, scatter_rows.h): each unpooled position's values add their filter
+//      rows to the output rows they reach, the vectors running along the filter row instead of
+//      across a block of 3 channels.
 //
 // Pass 3 is compiled for the build's baseline ISA (a plain multiply-add) and, on x86-64 with GCC,
 // for AVX2 + FMA and for AVX-512F (explicit FMA intrinsics), picked at run time by what the CPU has
-// (the build's flags are the baseline's: a wheel built here must run on any x86-64). Each output
-// element is computed by one task in a fixed order (gather_row.h), so results are the same for any
-// number of threads, and on one machine bit for bit.
+// and what PyTorch uses (isa_for_this_cpu; the build's flags are the baseline's: a wheel built here
+// must run on any x86-64). Each output element is computed by one task in a fixed order, so results
+// are the same for any number of threads, and on one machine bit for bit.
 
 template <typename acc_t>
 struct UnpooledValue {
@@ -186,32 +194,34 @@ struct RoutedValue {
 // Pass 1 for one plane under the rule `Rule` (rules.h); returns how many values it wrote. Where
 // windows overlap, several may select one position: their values are first summed in `sums` (the
 // plane's unpooled map, all zero on entry and on return), in row-major window order (the gather's
-// order, geometry::unpooled_sum), and the position is listed once, at the first window selecting it.
+// order, geometry::unpooled_sum), and the position is listed once, at the first window selecting
+// it: listing a position takes its sum and leaves a zero, which the later windows selecting it see
+// and skip. `targets` holds pooled_h * pooled_w scratch positions.
 template <typename Rule, typename scalar_t, typename acc_t>
 int64_t collect_unpooled_values(const scalar_t* grad, const bool* positive, const uint8_t* switches,
                                 int64_t pooled_h, int64_t pooled_w, int64_t unpooled_h, int64_t unpooled_w,
                                 const Pool2d& pool, const TapOffsets& offsets, bool overlapping, acc_t* sums,
-                                uint8_t* listed, UnpooledValue<acc_t>* values) {
+                                int32_t* targets, UnpooledValue<acc_t>* values) {
   // the selected position of pooled value `index`, or -1 where it routes nothing
-  const auto target = [&](int64_t py, int64_t px, int64_t index) -> int64_t {
+  const auto target = [&](int64_t py, int64_t px, int64_t index) -> int32_t {
     const int64_t tap = switches[index];
     if (tap >= offsets.taps || !Rule::routes(positive, index)) return -1;  // no tap, or masked
     const int64_t y = py * pool.stride_h - pool.padding_h + offsets.dy[tap];
     const int64_t x = px * pool.stride_w - pool.padding_w + offsets.dx[tap];
     if (y < 0 || y >= unpooled_h || x < 0 || x >= unpooled_w) return -1;  // a tap in the padding
-    return y * unpooled_w + x;
+    return static_cast<int32_t>(y * unpooled_w + x);
   };
   int64_t count = 0;
   if (!overlapping) {
     for (int64_t py = 0; py < pooled_h; ++py) {
       for (int64_t px = 0; px < pooled_w; ++px) {
         const int64_t index = py * pooled_w + px;
-        const int64_t position = target(py, px, index);
+        const int32_t position = target(py, px, index);
         const acc_t value = Rule::finish(static_cast<acc_t>(grad[index]));
         // Written always, kept only where it routes something non-zero (a zero adds nothing to any
         // sum: the accumulators start at +0, so not even a sign is lost). No branch on the value:
         // after the relu, half of them are zero at random, and a branch would mispredict half the time.
-        values[count] = UnpooledValue<acc_t>{static_cast<int32_t>(position), value};
+        values[count] = UnpooledValue<acc_t>{position, value};
         count += (position >= 0) & (value != acc_t(0));
       }
     }
@@ -220,29 +230,45 @@ int64_t collect_unpooled_values(const scalar_t* grad, const bool* positive, cons
   for (int64_t py = 0; py < pooled_h; ++py) {
     for (int64_t px = 0; px < pooled_w; ++px) {
       const int64_t index = py * pooled_w + px;
-      const int64_t position = target(py, px, index);
+      const int32_t position = target(py, px, index);
+      targets[index] = position;
       if (position >= 0) sums[position] += static_cast<acc_t>(grad[index]);
     }
   }
-  for (int64_t py = 0; py < pooled_h; ++py) {
-    for (int64_t px = 0; px < pooled_w; ++px) {
-      const int64_t position = target(py, px, py * pooled_w + px);
-      if (position < 0 || listed[position]) continue;
-      listed[position] = 1;
-      const acc_t value = Rule::finish(sums[position]);
-      if (value != acc_t(0)) values[count++] = UnpooledValue<acc_t>{static_cast<int32_t>(position), value};
-    }
-  }
-  for (int64_t py = 0; py < pooled_h; ++py) {  // leave sums and listed all zero, touching only what was used
-    for (int64_t px = 0; px < pooled_w; ++px) {
-      const int64_t position = target(py, px, py * pooled_w + px);
-      if (position >= 0) {
-        listed[position] = 0;
-        sums[position] = acc_t(0);
-      }
-    }
+  const int64_t pooled_area = pooled_h * pooled_w;
+  for (int64_t index = 0; index < pooled_area; ++index) {
+    const int32_t position = targets[index];
+    if (position < 0) continue;
+    const acc_t value = Rule::finish(sums[position]);
+    sums[position] = acc_t(0);
+    values[count] = UnpooledValue<acc_t>{position, value};
+    count += value != acc_t(0);  // zero: the rule's, or a position listed already
   }
   return count;
+}
+
+// Pass 1 for samples [n0, n0 + samples) of a batch: the list of plane p of the chunk (sample n0 + p /
+// channels, channel p % channels) at values + p * pooled_h * pooled_w, its length in counts[p].
+template <typename Rule, typename scalar_t, typename acc_t>
+void collect_chunk(const scalar_t* grad, const bool* positive, const uint8_t* switches, int64_t n0, int64_t samples,
+                   int64_t channels, int64_t pooled_h, int64_t pooled_w, int64_t unpooled_h, int64_t unpooled_w,
+                   const Pool2d& pool, UnpooledValue<acc_t>* values, int64_t* counts) {
+  const TapOffsets tap_offsets(pool);
+  const bool overlapping = geometry::windows_overlap(pool.kernel_h, pool.stride_h, pool.dilation_h) ||
+                           geometry::windows_overlap(pool.kernel_w, pool.stride_w, pool.dilation_w);
+  const int64_t pooled_area = pooled_h * pooled_w;
+  const int64_t unpooled_area = unpooled_h * unpooled_w;
+  at::parallel_for(0, samples * channels, grain_for(pooled_area * 4), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sums(overlapping ? unpooled_area : 0, acc_t(0));
+    std::vector<int32_t> targets(overlapping ? pooled_area : 0);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t offset = (n0 * channels + plane) * pooled_area;
+      counts[plane] = collect_unpooled_values<Rule, scalar_t, acc_t>(
+          grad + offset, Rule::masked ? positive + offset : nullptr, switches + offset, pooled_h, pooled_w,
+          unpooled_h, unpooled_w, pool, tap_offsets, overlapping, sums.data(), targets.data(),
+          values + plane * pooled_area);
+    }
+  });
 }
 
 // For every output coordinate along one axis, the conv windows (unpooled positions) whose taps
@@ -283,6 +309,20 @@ struct GatherArgs {
   int64_t output_w;
 };
 
+// What the scattering pass 3 (scatter_rows.h) reads, for one (sample, group) and one input channel
+// c_in of the group: pass 2's compressed rows, the group's filters for c_in, per-axis tap ranges.
+template <typename acc_t>
+struct ScatterArgs {
+  const RoutedValue<acc_t>* routed;
+  const int64_t* offsets;              // [unpooled_h * unpooled_w + 1]
+  const acc_t* weight;                 // [c_out / groups, kh, kw]: weight[group's c_out, c_in, :, :]
+  int64_t unpooled_h, unpooled_w;
+  const geometry::TapRange* row_taps;  // [unpooled_h]: the filter rows ky whose output row is inside
+  const geometry::TapRange* col_taps;  // [unpooled_w]: the taps kx whose output column is inside
+  int64_t stride_h, stride_w, padding_h, padding_w, dilation_h;
+  int64_t kernel_h, kernel_w, output_w;
+};
+
 // Pass 3's loop, once per instruction set (csrc/cpu/gather_row.h says why it is included thrice).
 namespace baseline {
 // One lane, plain multiply-add (std::fma is a library call without FMA hardware); the compiler
@@ -299,8 +339,15 @@ struct Lanes {
   static inline vec_t load(const acc_t* p) { return *p; }
   static inline void store(acc_t* p, vec_t v) { *p = v; }
   static inline vec_t fma(vec_t a, vec_t b, vec_t c) { return c + a * b; }
+  using mask_t = bool;  // whether the one lane is in
+  static inline mask_t first(int64_t n) { return n > 0; }
+  static inline vec_t load_first(const acc_t* p, mask_t in) { return in ? *p : acc_t(0); }
+  static inline void store_first(acc_t* p, vec_t v, mask_t in) {
+    if (in) *p = v;
+  }
 };
 #include "cpu/gather_row.h"
+#include "cpu/scatter_rows.h"
 }  // namespace baseline
 
 template <int B, typename acc_t>
@@ -325,6 +372,12 @@ struct FloatLanes {
   static inline vec_t load(const float* p) { return _mm256_loadu_ps(p); }
   static inline void store(float* p, vec_t v) { _mm256_storeu_ps(p, v); }
   static inline vec_t fma(vec_t a, vec_t b, vec_t c) { return _mm256_fmadd_ps(a, b, c); }
+  using mask_t = __m256i;  // the first n lanes, for n in [0, 8]
+  static inline mask_t first(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static inline vec_t load_first(const float* p, mask_t in) { return _mm256_maskload_ps(p, in); }
+  static inline void store_first(float* p, vec_t v, mask_t in) { _mm256_maskstore_ps(p, in, v); }
 };
 struct DoubleLanes {
   using value_t = double;
@@ -337,6 +390,10 @@ struct DoubleLanes {
   static inline vec_t load(const double* p) { return _mm256_loadu_pd(p); }
   static inline void store(double* p, vec_t v) { _mm256_storeu_pd(p, v); }
   static inline vec_t fma(vec_t a, vec_t b, vec_t c) { return _mm256_fmadd_pd(a, b, c); }
+  using mask_t = __m256i;  // the first n lanes, for n in [0, 4]
+  static inline mask_t first(int64_t n) { return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)); }
+  static inline vec_t load_first(const double* p, mask_t in) { return _mm256_maskload_pd(p, in); }
+  static inline void store_first(double* p, vec_t v, mask_t in) { _mm256_maskstore_pd(p, in, v); }
 };
 // 128-bit vectors with FMA (VEX-encoded, so AVX2 machines have them): for blocks of 4 channels
 struct FloatQuadLanes {
@@ -350,8 +407,13 @@ struct FloatQuadLanes {
   static inline vec_t load(const float* p) { return _mm_loadu_ps(p); }
   static inline void store(float* p, vec_t v) { _mm_storeu_ps(p, v); }
   static inline vec_t fma(vec_t a, vec_t b, vec_t c) { return _mm_fmadd_ps(a, b, c); }
+  using mask_t = __m128i;  // the first n lanes, for n in [0, 4]
+  static inline mask_t first(int64_t n) { return _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int>(n)), _mm_setr_epi32(0, 1, 2, 3)); }
+  static inline vec_t load_first(const float* p, mask_t in) { return _mm_maskload_ps(p, in); }
+  static inline void store_first(float* p, vec_t v, mask_t in) { _mm_maskstore_ps(p, in, v); }
 };
 #include "cpu/gather_row.h"
+#include "cpu/scatter_rows.h"
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -369,6 +431,10 @@ struct FloatLanes {
   static inline vec_t load(const float* p) { return _mm512_loadu_ps(p); }
   static inline void store(float* p, vec_t v) { _mm512_storeu_ps(p, v); }
   static inline vec_t fma(vec_t a, vec_t b, vec_t c) { return _mm512_fmadd_ps(a, b, c); }
+  using mask_t = __mmask16;  // the first n lanes, for n in [0, 16]
+  static inline mask_t first(int64_t n) { return static_cast<mask_t>((1u << n) - 1); }
+  static inline vec_t load_first(const float* p, mask_t in) { return _mm512_maskz_loadu_ps(in, p); }
+  static inline void store_first(float* p, vec_t v, mask_t in) { _mm512_mask_storeu_ps(p, in, v); }
 };
 struct DoubleLanes {
   using value_t = double;
@@ -381,87 +447,119 @@ struct DoubleLanes {
   static inline vec_t load(const double* p) { return _mm512_loadu_pd(p); }
   static inline void store(double* p, vec_t v) { _mm512_storeu_pd(p, v); }
   static inline vec_t fma(vec_t a, vec_t b, vec_t c) { return _mm512_fmadd_pd(a, b, c); }
+  using mask_t = __mmask8;  // the first n lanes, for n in [0, 8]
+  static inline mask_t first(int64_t n) { return static_cast<mask_t>((1u << n) - 1); }
+  static inline vec_t load_first(const double* p, mask_t in) { return _mm512_maskz_loadu_pd(in, p); }
+  static inline void store_first(double* p, vec_t v, mask_t in) { _mm512_mask_storeu_pd(p, in, v); }
 };
 #include "cpu/gather_row.h"
+#include "cpu/scatter_rows.h"
 }  // namespace avx512
 #pragma GCC pop_options
 #endif
 
-// The pass-3 function for this CPU and block width: the widest vectors that divide B.
+#ifdef DECONV_X86_SIMD
+// The widest instruction set pass 3 uses: what the CPU has, capped by PyTorch's own choice for its
+// CPU kernels, so that ATEN_CPU_CAPABILITY=default|avx2 (read once, at the first call) runs the
+// narrower loops on a wider CPU: tests do, and users can rule out a vector unit the same way for both.
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+Isa isa_for_this_cpu() {
+  static const Isa isa = [] {
+    const std::string aten = at::get_cpu_capability();  // "DEFAULT", "AVX2", "AVX512", ...
+    if (aten == "AVX512" && __builtin_cpu_supports("avx512f")) return Isa::kAvx512;
+    if ((aten == "AVX512" || aten == "AVX2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      return Isa::kAvx2;
+    }
+    return Isa::kBaseline;
+  }();
+  return isa;
+}
+#endif
+
+// The pass-3 gather for this CPU and block width: the widest vectors that divide B.
 template <int B, typename acc_t>
 GatherRowFn<B, acc_t> gather_output_row_for_this_cpu() {
 #ifdef DECONV_X86_SIMD
   constexpr bool is_float = std::is_same_v<acc_t, float>;
   using Avx512 = std::conditional_t<is_float, avx512::FloatLanes, avx512::DoubleLanes>;
   using Avx2 = std::conditional_t<is_float, avx2::FloatLanes, avx2::DoubleLanes>;
+  const Isa isa = isa_for_this_cpu();
   if constexpr (B % Avx512::width == 0) {
-    if (__builtin_cpu_supports("avx512f")) return &avx512::gather_output_row<B, Avx512>;
+    if (isa == Isa::kAvx512) return &avx512::gather_output_row<B, Avx512>;
   }
   if constexpr (B % Avx2::width == 0) {
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &avx2::gather_output_row<B, Avx2>;
+    if (isa != Isa::kBaseline) return &avx2::gather_output_row<B, Avx2>;
   }
   if constexpr (is_float && B % avx2::FloatQuadLanes::width == 0) {
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      return &avx2::gather_output_row<B, avx2::FloatQuadLanes>;
-    }
+    if (isa != Isa::kBaseline) return &avx2::gather_output_row<B, avx2::FloatQuadLanes>;
   }
 #endif
   return &baseline::gather_output_row<B, baseline::Lanes<acc_t>>;
 }
 
+template <typename acc_t>
+using ScatterPlaneFn = void (*)(const ScatterArgs<acc_t>&, acc_t*);
+
+// The pass-3 scatter for this CPU: its widest vectors (a filter row of AlexNet's conv1 is 11 taps:
+// one masked AVX-512 vector, two AVX2 ones).
+template <typename acc_t>
+ScatterPlaneFn<acc_t> scatter_plane_for_this_cpu() {
+#ifdef DECONV_X86_SIMD
+  constexpr bool is_float = std::is_same_v<acc_t, float>;
+  using Avx512 = std::conditional_t<is_float, avx512::FloatLanes, avx512::DoubleLanes>;
+  using Avx2 = std::conditional_t<is_float, avx2::FloatLanes, avx2::DoubleLanes>;
+  const Isa isa = isa_for_this_cpu();
+  if (isa == Isa::kAvx512) return &avx512::scatter_plane<Avx512>;
+  if (isa == Isa::kAvx2) return &avx2::scatter_plane<Avx2>;
+#endif
+  return &baseline::scatter_plane<baseline::Lanes<acc_t>>;
+}
+
+// The sizes of one call of the fused op.
+struct FusedShape {
+  int64_t batch;
+  int64_t conv_out_channels, pooled_h, pooled_w, unpooled_h, unpooled_w;  // grad and the unpooled map
+  int64_t conv_in_channels, output_h, output_w;                           // the output
+  int64_t groups;
+
+  int64_t out_per_group() const { return conv_out_channels / groups; }  // planes of grad per group
+  int64_t in_per_group() const { return conv_in_channels / groups; }    // planes of output per group
+  int64_t pooled_area() const { return pooled_h * pooled_w; }
+  int64_t unpooled_area() const { return unpooled_h * unpooled_w; }
+  int64_t output_area() const { return output_h * output_w; }
+};
+
 // Unpooled values held at once (passes 1 and 2 of a chunk of samples): bounds the scratch memory
 // to about 40 bytes each.
 constexpr int64_t kValuesPerChunk = int64_t(1) << 20;
 
-// `weight_packed`: [groups, channel_blocks, kh, kw, c_out / groups, B] in the accumulate type,
-// zero beyond c_in / groups.
-template <typename Rule, int B, typename scalar_t>
+// Passes 1 and 2 over chunks of samples, and pass 3 (`pass3`, GatherPass or ScatterPass) on each
+// chunk's compressed rows.
+template <typename Rule, typename scalar_t, typename Pass3>
 void unpool_relu_deconv2d_kernel(const scalar_t* grad, const bool* positive, const uint8_t* switches,
-                                 const at::opmath_type<scalar_t>* weight_packed, scalar_t* output, int64_t batch,
-                                 int64_t conv_out_channels, int64_t pooled_h, int64_t pooled_w, int64_t unpooled_h,
-                                 int64_t unpooled_w, int64_t conv_in_channels, int64_t output_h, int64_t output_w,
-                                 int64_t groups, const Pool2d& pool, const Conv2d& conv) {
+                                 const FusedShape& shape, const Pool2d& pool, const Pass3& pass3) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t out_per_group = conv_out_channels / groups;  // planes of grad per group
-  const int64_t in_per_group = conv_in_channels / groups;    // planes of output per group
-  const int64_t channel_blocks = (in_per_group + B - 1) / B;
-  const int64_t pooled_area = pooled_h * pooled_w;
-  const int64_t unpooled_area = unpooled_h * unpooled_w;
-  const int64_t packed_block_size = conv.kernel_h * conv.kernel_w * out_per_group * B;
-  const TapOffsets tap_offsets(pool);
-  const TapTable rows(output_h, unpooled_h, conv.kernel_h, conv.stride_h, conv.padding_h, conv.dilation_h);
-  const TapTable cols(output_w, unpooled_w, conv.kernel_w, conv.stride_w, conv.padding_w, conv.dilation_w);
-  const GatherRowFn<B, acc_t> gather_output_row = gather_output_row_for_this_cpu<B, acc_t>();
-  const bool overlapping = geometry::windows_overlap(pool.kernel_h, pool.stride_h, pool.dilation_h) ||
-                           geometry::windows_overlap(pool.kernel_w, pool.stride_w, pool.dilation_w);
-
-  const int64_t values_per_sample = std::max<int64_t>(1, conv_out_channels * pooled_area);
-  const int64_t chunk = std::clamp<int64_t>(kValuesPerChunk / values_per_sample, 1, batch);
+  const int64_t out_per_group = shape.out_per_group();
+  const int64_t pooled_area = shape.pooled_area();
+  const int64_t unpooled_area = shape.unpooled_area();
+  const int64_t values_per_sample = std::max<int64_t>(1, shape.conv_out_channels * pooled_area);
+  const int64_t chunk = std::clamp<int64_t>(kValuesPerChunk / values_per_sample, 1, shape.batch);
   // Every list may be full (no zero, no repeated position), so each plane gets pooled_area.
-  std::unique_ptr<UnpooledValue<acc_t>[]> values(new UnpooledValue<acc_t>[chunk * conv_out_channels * pooled_area]);
-  std::unique_ptr<RoutedValue<acc_t>[]> routed(new RoutedValue<acc_t>[chunk * conv_out_channels * pooled_area]);
-  std::vector<int64_t> counts(chunk * conv_out_channels);
-  std::vector<int64_t> offsets(chunk * groups * (unpooled_area + 1));
+  std::unique_ptr<UnpooledValue<acc_t>[]> values(new UnpooledValue<acc_t>[chunk * shape.conv_out_channels * pooled_area]);
+  std::unique_ptr<RoutedValue<acc_t>[]> routed(new RoutedValue<acc_t>[chunk * shape.conv_out_channels * pooled_area]);
+  std::vector<int64_t> counts(chunk * shape.conv_out_channels);
+  std::vector<int64_t> offsets(chunk * shape.groups * (unpooled_area + 1));
 
-  for (int64_t n0 = 0; n0 < batch; n0 += chunk) {
-    const int64_t samples = std::min(chunk, batch - n0);
+  for (int64_t n0 = 0; n0 < shape.batch; n0 += chunk) {
+    const int64_t samples = std::min(chunk, shape.batch - n0);
 
-    // Pass 1: the non-zero unpooled values of every plane.
-    at::parallel_for(0, samples * conv_out_channels, grain_for(pooled_area * 4), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> sums(overlapping ? unpooled_area : 0, acc_t(0));
-      std::vector<uint8_t> listed(overlapping ? unpooled_area : 0, 0);
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t offset = (n0 * conv_out_channels + plane) * pooled_area;
-        counts[plane] = collect_unpooled_values<Rule, scalar_t, acc_t>(
-            grad + offset, Rule::masked ? positive + offset : nullptr, switches + offset, pooled_h, pooled_w,
-            unpooled_h, unpooled_w, pool, tap_offsets, overlapping, sums.data(), listed.data(),
-            values.get() + plane * pooled_area);
-      }
-    });
+    collect_chunk<Rule>(grad, positive, switches, n0, samples, shape.conv_out_channels, shape.pooled_h,
+                        shape.pooled_w, shape.unpooled_h, shape.unpooled_w, pool, values.get(), counts.data());
 
     // Pass 2: per (sample, group), the values regrouped by position (a counting sort, stable in c_out).
     const int64_t work_per_group = out_per_group * pooled_area + unpooled_area;
-    at::parallel_for(0, samples * groups, grain_for(work_per_group), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, samples * shape.groups, grain_for(work_per_group), [&](int64_t begin, int64_t end) {
       std::vector<int64_t> cursor(unpooled_area);
       for (int64_t sample_group = begin; sample_group < end; ++sample_group) {
         const int64_t first_plane = sample_group * out_per_group;  // = sample * C_out + group * out_per_group
@@ -487,9 +585,37 @@ void unpool_relu_deconv2d_kernel(const scalar_t* grad, const bool* positive, con
       }
     });
 
-    // Pass 3: one task per (sample, group, channel block, output row); consecutive tasks share the
-    // block's packed weights.
-    const int64_t tasks = samples * groups * channel_blocks * output_h;
+    pass3(n0, samples, routed.get(), offsets.data());
+  }
+}
+
+// Pass 3 by gathering: one task per (sample, group, channel block, output row); consecutive tasks
+// share the block's packed weights. `weight_packed`: [groups, channel_blocks, kh, kw, c_out / groups,
+// B] in the accumulate type, zero beyond c_in / groups (pack_weight).
+template <int B, typename scalar_t>
+struct GatherPass {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t* weight_packed;
+  scalar_t* output;
+  const FusedShape& shape;
+  const Conv2d& conv;
+  const TapTable rows, cols;
+  const GatherRowFn<B, acc_t> gather_output_row = gather_output_row_for_this_cpu<B, acc_t>();
+
+  GatherPass(const acc_t* weight_packed, scalar_t* output, const FusedShape& shape, const Conv2d& conv)
+      : weight_packed(weight_packed),
+        output(output),
+        shape(shape),
+        conv(conv),
+        rows(shape.output_h, shape.unpooled_h, conv.kernel_h, conv.stride_h, conv.padding_h, conv.dilation_h),
+        cols(shape.output_w, shape.unpooled_w, conv.kernel_w, conv.stride_w, conv.padding_w, conv.dilation_w) {}
+
+  void operator()(int64_t n0, int64_t samples, const RoutedValue<acc_t>* routed, const int64_t* offsets) const {
+    const int64_t out_per_group = shape.out_per_group(), in_per_group = shape.in_per_group();
+    const int64_t output_h = shape.output_h, output_w = shape.output_w;
+    const int64_t channel_blocks = (in_per_group + B - 1) / B;
+    const int64_t packed_block_size = conv.kernel_h * conv.kernel_w * out_per_group * B;
+    const int64_t tasks = samples * shape.groups * channel_blocks * output_h;
     const int64_t work_per_row = output_w * conv.kernel_h * conv.kernel_w * B * 4;
     at::parallel_for(0, tasks, grain_for(work_per_row), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> row(output_w * B);
@@ -497,13 +623,13 @@ void unpool_relu_deconv2d_kernel(const scalar_t* grad, const bool* positive, con
         const int64_t y = task % output_h;
         const int64_t channel_block = (task / output_h) % channel_blocks;
         const int64_t sample_group = task / (output_h * channel_blocks);
-        const int64_t group = sample_group % groups;
-        const int64_t sample = sample_group / groups;
-        const GatherArgs<acc_t> args{routed.get() + sample_group * out_per_group * pooled_area,
-                                     offsets.data() + sample_group * (unpooled_area + 1),
+        const int64_t group = sample_group % shape.groups;
+        const int64_t sample = sample_group / shape.groups;
+        const GatherArgs<acc_t> args{routed + sample_group * out_per_group * shape.pooled_area(),
+                                     offsets + sample_group * (shape.unpooled_area() + 1),
                                      weight_packed + (group * channel_blocks + channel_block) * packed_block_size,
                                      out_per_group,
-                                     unpooled_w,
+                                     shape.unpooled_w,
                                      conv.kernel_w,
                                      &rows,
                                      &cols,
@@ -512,8 +638,8 @@ void unpool_relu_deconv2d_kernel(const scalar_t* grad, const bool* positive, con
         // [x, B] -> output[n, c_in, y, :] for the block's real channels, 16 positions at a time:
         // the transposed reads then stay in a few KiB of L1 instead of striding through all of `row`.
         const int64_t channels = std::min<int64_t>(B, in_per_group - channel_block * B);
-        scalar_t* out = output + (((n0 + sample) * conv_in_channels + group * in_per_group + channel_block * B) *
-                                      output_h + y) * output_w;
+        scalar_t* out = output + (((n0 + sample) * shape.conv_in_channels + group * in_per_group +
+                                   channel_block * B) * output_h + y) * output_w;
         constexpr int64_t kStrip = 16;
         for (int64_t x0 = 0; x0 < output_w; x0 += kStrip) {
           const int64_t x1 = std::min(output_w, x0 + kStrip);
@@ -525,6 +651,78 @@ void unpool_relu_deconv2d_kernel(const scalar_t* grad, const bool* positive, con
       }
     });
   }
+};
+
+// Pass 3 by scattering filter rows (scatter_rows.h): one task per output plane (sample, c_in).
+// `weight_rows`: [groups, c_in / groups, c_out / groups, kh, kw] in the accumulate type, so that
+// a plane's filters are contiguous (about 30 KiB at AlexNet's conv1: they stay in L1).
+template <typename scalar_t>
+struct ScatterPass {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr bool in_place = std::is_same_v<acc_t, scalar_t>;  // float, double: add into the output
+  const acc_t* weight_rows;
+  scalar_t* output;
+  const FusedShape& shape;
+  const Conv2d& conv;
+  std::vector<geometry::TapRange> row_taps, col_taps;
+  const ScatterPlaneFn<acc_t> scatter_plane = scatter_plane_for_this_cpu<acc_t>();
+
+  ScatterPass(const acc_t* weight_rows, scalar_t* output, const FusedShape& shape, const Conv2d& conv)
+      : weight_rows(weight_rows), output(output), shape(shape), conv(conv) {
+    for (int64_t y = 0; y < shape.unpooled_h; ++y) {
+      row_taps.push_back(
+          geometry::taps_inside(y, shape.output_h, conv.kernel_h, conv.stride_h, conv.padding_h, conv.dilation_h));
+    }
+    for (int64_t x = 0; x < shape.unpooled_w; ++x) {  // dilation_w is 1 here (scatters_rows)
+      col_taps.push_back(geometry::taps_inside(x, shape.output_w, conv.kernel_w, conv.stride_w, conv.padding_w, 1));
+    }
+  }
+
+  void operator()(int64_t n0, int64_t samples, const RoutedValue<acc_t>* routed, const int64_t* offsets) const {
+    const int64_t out_per_group = shape.out_per_group(), in_per_group = shape.in_per_group();
+    const int64_t output_area = shape.output_area();
+    const int64_t filter_size = conv.kernel_h * conv.kernel_w;
+    // a plane's work: about a quarter of the group's pooled values route something, each to kh rows
+    const int64_t work_per_plane = out_per_group * shape.pooled_area() / 4 * conv.kernel_h;
+    at::parallel_for(0, samples * shape.conv_in_channels, grain_for(work_per_plane), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scratch(in_place ? 0 : output_area);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t sample = task / shape.conv_in_channels;
+        const int64_t in_channel = task % shape.conv_in_channels;  // = group * in_per_group + channel in group
+        const int64_t sample_group = sample * shape.groups + in_channel / in_per_group;
+        scalar_t* out = output + ((n0 + sample) * shape.conv_in_channels + in_channel) * output_area;
+        acc_t* plane = in_place ? reinterpret_cast<acc_t*>(out) : scratch.data();
+        std::fill(plane, plane + output_area, acc_t(0));
+        const ScatterArgs<acc_t> args{routed + sample_group * out_per_group * shape.pooled_area(),
+                                      offsets + sample_group * (shape.unpooled_area() + 1),
+                                      weight_rows + in_channel * out_per_group * filter_size,
+                                      shape.unpooled_h,
+                                      shape.unpooled_w,
+                                      row_taps.data(),
+                                      col_taps.data(),
+                                      conv.stride_h,
+                                      conv.stride_w,
+                                      conv.padding_h,
+                                      conv.padding_w,
+                                      conv.dilation_h,
+                                      conv.kernel_h,
+                                      conv.kernel_w,
+                                      shape.output_w};
+        scatter_plane(args, plane);
+        if (!in_place) {
+          for (int64_t i = 0; i < output_area; ++i) out[i] = static_cast<scalar_t>(plane[i]);
+        }
+      }
+    });
+  }
+};
+
+// Whether pass 3 scatters filter rows instead of gathering channel blocks: where a group's input
+// channels would fill less than a 4-wide block (B = 1 or 4; an image's RGB) and a filter row is
+// longer than that, so that a vector along the row does more useful multiply-adds than one across
+// the block (dilation_w = 1: the row's taps land side by side).
+bool scatters_rows(int64_t in_per_group, const Conv2d& conv) {
+  return in_per_group <= 4 && conv.dilation_w == 1 && conv.kernel_w > in_per_group;
 }
 
 // Bytes of one block's packed weights (kh * kw * C_out / groups * B values) that pass 3 keeps
@@ -685,20 +883,35 @@ at::Tensor unpool_relu_deconv2d_cpu(const at::Tensor& grad, const at::Tensor& sw
   const at::Tensor grad_nchw = grad.contiguous();
   const at::Tensor switches_nchw = switches.contiguous();
   const checks::Mask mask(positive);
+  const FusedShape shape{grad.size(0),    grad.size(1),   grad.size(2),    grad.size(3),    input_size[0],
+                         input_size[1],   conv_in_channels, output_size[0], output_size[1], groups};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "unpool_relu_deconv2d", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const auto run = [&](const auto& pass3) {
+      rules::dispatch_rule(geometry.rule, mask.present(), [&](auto rule_type) {
+        unpool_relu_deconv2d_kernel<decltype(rule_type), scalar_t>(grad_nchw.const_data_ptr<scalar_t>(), mask.data(),
+                                                                   switches_nchw.const_data_ptr<uint8_t>(), shape,
+                                                                   geometry.pool, pass3);
+      });
+    };
+    if (scatters_rows(shape.in_per_group(), geometry.conv)) {
+      // [C_out, C_in / groups, kh, kw] -> [groups, C_in / groups, C_out / groups, kh, kw] in acc_t
+      const at::Tensor weight_rows = weight.to(c10::CppTypeToScalarType<acc_t>::value)
+                                         .view({groups, shape.out_per_group(), shape.in_per_group(), weight.size(2),
+                                                weight.size(3)})
+                                         .transpose(1, 2)
+                                         .contiguous();
+      run(ScatterPass<scalar_t>(weight_rows.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(), shape,
+                                geometry.conv));
+      return;
+    }
     const int64_t block_bytes_per_channel =
-        weight.size(2) * weight.size(3) * (weight.size(0) / groups) * static_cast<int64_t>(sizeof(acc_t));
-    with_channel_block(weight.size(1), block_bytes_per_channel, [&](auto block) {
+        weight.size(2) * weight.size(3) * shape.out_per_group() * static_cast<int64_t>(sizeof(acc_t));
+    with_channel_block(shape.in_per_group(), block_bytes_per_channel, [&](auto block) {
       constexpr int B = decltype(block)::value;
       const at::Tensor weight_packed = pack_weight<B, scalar_t>(weight, groups);
-      rules::dispatch_rule(geometry.rule, mask.present(), [&](auto rule_type) {
-        unpool_relu_deconv2d_kernel<decltype(rule_type), B, scalar_t>(
-            grad_nchw.const_data_ptr<scalar_t>(), mask.data(), switches_nchw.const_data_ptr<uint8_t>(),
-            weight_packed.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(), grad.size(0), grad.size(1),
-            grad.size(2), grad.size(3), input_size[0], input_size[1], conv_in_channels, output_size[0],
-            output_size[1], groups, geometry.pool, geometry.conv);
-      });
+      run(GatherPass<B, scalar_t>(weight_packed.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(), shape,
+                                  geometry.conv));
     });
   });
   return output;
