@@ -106,6 +106,10 @@ class Graph:
         ``keeper.saved``): intermediate outputs are freed as soon as nothing reads them."""
         wanted = set(self.targets.values())
         remaining = {node: len(node.consumers) for node in self.nodes}
+        if images.device.type == "cpu" and images.dim() == 4:
+            # channels-last maps: oneDNN's convolutions run about a quarter faster on them, the pools
+            # keep the format, and the reverse's saved maps ([N, H, W, C]) need no transpose
+            images = images.contiguous(memory_format=torch.channels_last)
         values: Dict[Node, torch.Tensor] = {self.input: images}
         kept: Dict[Node, torch.Tensor] = {}
         for node in self.nodes[1:]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.deconvcuda)
 from .geometry import deconv_min_output_size, pool_output_size
@@ -67,7 +68,8 @@ def max_pool2d_switches(input: torch.Tensor, kernel_size: IntPair, stride: Optio
                         ceil_mode: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """``max_pool2d`` that also returns its switches: for every output, the window-local index
     ``ky * kernel_w + kx`` of the maximum, as uint8. First maximum in row-major window order; NaN is
-    a maximum (PyTorch's rule). Returns ``(output, switches)``, both ``[N, C, H_out, W_out]``."""
+    a maximum (PyTorch's rule). Returns ``(output, switches)``, both ``[N, C, H_out, W_out]``, in the
+    input's memory format (channels-last stays channels-last, as with ``max_pool2d``)."""
     op = "max_pool2d_switches"
     kernel = _pair(op, "kernel_size", kernel_size)
     stride = kernel if stride is None else _pair(op, "stride", stride)
@@ -245,7 +247,10 @@ def _(input, kernel_size, stride, padding, dilation, ceil_mode):
           f"{op}: input of spatial size {list(input.shape[2:])} is too small for kernel_size {list(kernel_size)}, "
           f"dilation {list(dilation)} and padding {list(padding)} (output would be {out_h}x{out_w})")
     shape = (input.shape[0], input.shape[1], out_h, out_w)
-    return input.new_empty(shape), input.new_empty(shape, dtype=torch.uint8)
+    # in the input's memory format (channels-last stays channels-last), as PyTorch's max_pool2d
+    format = suggest_memory_format(input)
+    return (torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=format),
+            torch.empty(shape, dtype=torch.uint8, device=input.device, memory_format=format))
 
 
 @torch.library.register_fake("deconvcuda::unpool_relu")

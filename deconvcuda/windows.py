@@ -89,7 +89,14 @@ class Windows:
     def zero_outside(self, g: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """``g`` (a fresh result, changed in place) with zeros where the windows leave the map: there
         the forward read zero padding, which has no gradient."""
+        if g.device.type == "cpu" and not self._leave(size):  # (on a GPU the test would cost a sync)
+            return g
         return g.masked_fill_(~self.inside(size), 0)
+
+    def _leave(self, size: Sequence[int]) -> bool:
+        """Whether any window reaches outside a map of ``size``."""
+        return bool(((self.top < 0) | (self.top + self.height > size[0]) |
+                     (self.left < 0) | (self.left + self.width > size[1])).any())
 
     def paste(self, g: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """The windows [P, C, h, w] placed into zero maps [P, C, H, W]. Positions outside the map go
@@ -106,12 +113,16 @@ class Windows:
         """Add the windows [P, C, h, w] into maps ``out`` [P, C, H, W] in place (the result's own rows:
         no full-size temporary). Positions outside the map add 0 to a clamped position, so every real
         position receives exactly its own value."""
-        if out.device.type == "cuda":  # scatter_add_ uses atomics there: paste (unique targets) instead
+        if out.device.type != "cpu":  # one kernel for all windows (a slice each would be a launch each)
             return out.add_(self.paste(g, out.shape[2:]))
-        p, c = g.shape[:2]
-        flat, valid = self.positions(out.shape[2:])
-        values = g.reshape(p, c, -1).masked_fill(~valid[:, None, :], 0)
-        out.view(p, c, -1).scatter_add_(2, flat[:, None, :].expand(p, c, flat.shape[1]), values)
+        # On the CPU a slice per window, clipped to the map: it reads and writes only the window
+        # (scatter_add_ with an index per position moved three times the bytes).
+        size_h, size_w = out.shape[2:]
+        for p, (top, left) in enumerate(zip(self.top.tolist(), self.left.tolist())):
+            y0, y1 = max(top, 0), min(top + self.height, size_h)
+            x0, x1 = max(left, 0), min(left + self.width, size_w)
+            if y0 < y1 and x0 < x1:
+                out[p, :, y0:y1, x0:x1].add_(g[p, :, y0 - top:y1 - top, x0 - left:x1 - left])
         return out
 
     def embed(self, g: torch.Tensor, outer: "Windows") -> torch.Tensor:

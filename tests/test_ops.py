@@ -543,6 +543,9 @@ def test_layouts_give_the_same_answers(device, layout):
     out_l, switches_l = ops.max_pool2d_switches(to_layout(pre_pool), *p.args())
     assert_bitwise_equal(out_l, out, f"max_pool2d_switches output, {layout}")
     assert_bitwise_equal(switches_l, switches, f"max_pool2d_switches switches, {layout}")
+    if layout == "channels_last":  # kept, as by max_pool2d (a channels-last forward stays so)
+        assert out_l.is_contiguous(memory_format=torch.channels_last), out_l.stride()
+        assert switches_l.is_contiguous(memory_format=torch.channels_last), switches_l.stride()
 
     unpooled = ops.unpool_relu(grad, switches, pool_input, *p.args())
     unpooled_l = ops.unpool_relu(to_layout(grad), to_layout(switches), pool_input, *p.args())

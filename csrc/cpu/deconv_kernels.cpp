@@ -6,7 +6,8 @@
 // end. Every index computation goes through csrc/common/geometry.h, which the CUDA kernels share.
 //
 // Memory format: inputs of any strides and memory format (channels_last included) are read through
-// `.contiguous()`, and every output is a new NCHW-contiguous tensor.
+// `.contiguous()`, and every output is a new NCHW-contiguous tensor; except max_pool2d_switches,
+// which keeps a channels-last input's format (as PyTorch's max_pool2d does) and pools it in place.
 //
 // Precision: half and bfloat16 are read and accumulated in float32 (at::opmath_type), float32 in
 // float32 and float64 in float64; only the final value is rounded to the input's dtype.
@@ -51,34 +52,6 @@ using geometry::Pool2d;
 // least, so that small problems are not split into tasks that cost more to start than to run.
 int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work_per_item));
-}
-
-// --------------------------------------------------------------------------------------------- //
-// max_pool2d_switches
-// --------------------------------------------------------------------------------------------- //
-
-// One thread per run of (n, c) planes; each window by geometry::window_max, the CUDA kernel's rule
-// for ties and NaN (PyTorch's).
-template <typename scalar_t>
-void max_pool2d_switches_kernel(const scalar_t* input, scalar_t* output, uint8_t* switches, int64_t planes,
-                                int64_t input_h, int64_t input_w, int64_t output_h, int64_t output_w,
-                                const Pool2d& pool) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t work_per_plane = output_h * output_w * pool.kernel_h * pool.kernel_w;
-  at::parallel_for(0, planes, grain_for(work_per_plane), [&](int64_t begin, int64_t end) {
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const scalar_t* in = input + plane * input_h * input_w;
-      scalar_t* out = output + plane * output_h * output_w;
-      uint8_t* switch_out = switches + plane * output_h * output_w;
-      for (int64_t oy = 0; oy < output_h; ++oy) {
-        for (int64_t ox = 0; ox < output_w; ++ox) {
-          const auto best = geometry::window_max<scalar_t, acc_t>(in, input_h, input_w, pool, oy, ox);
-          out[oy * output_w + ox] = static_cast<scalar_t>(best.value);
-          switch_out[oy * output_w + ox] = static_cast<uint8_t>(best.tap);
-        }
-      }
-    }
-  });
 }
 
 // --------------------------------------------------------------------------------------------- //
@@ -348,6 +321,7 @@ struct Lanes {
 };
 #include "cpu/gather_row.h"
 #include "cpu/scatter_rows.h"
+#include "cpu/pool_rows.h"
 }  // namespace baseline
 
 template <int B, typename acc_t>
@@ -414,6 +388,7 @@ struct FloatQuadLanes {
 };
 #include "cpu/gather_row.h"
 #include "cpu/scatter_rows.h"
+#include "cpu/pool_rows.h"
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -454,6 +429,7 @@ struct DoubleLanes {
 };
 #include "cpu/gather_row.h"
 #include "cpu/scatter_rows.h"
+#include "cpu/pool_rows.h"
 }  // namespace avx512
 #pragma GCC pop_options
 #endif
@@ -514,6 +490,124 @@ ScatterPlaneFn<acc_t> scatter_plane_for_this_cpu() {
   if (isa == Isa::kAvx2) return &avx2::scatter_plane<Avx2>;
 #endif
   return &baseline::scatter_plane<baseline::Lanes<acc_t>>;
+}
+
+// --------------------------------------------------------------------------------------------- //
+// max_pool2d_switches
+// --------------------------------------------------------------------------------------------- //
+//
+// Two loops (pool_rows.h), by the input's memory format, both vectorised by the compiler for the
+// ISA isa_for_this_cpu picks: channels-last inputs over the channels of a position; NCHW inputs
+// over the output columns of a row whose windows lie inside the input (the others, near the left
+// and right edges, one window at a time by geometry::window_max). One task per run of (n, c)
+// planes, or of (n, oy) rows for channels-last; outputs in the input's memory format, as PyTorch's
+// max_pool2d does.
+
+template <typename scalar_t>
+using PoolRowFn = void (*)(const scalar_t*, int64_t, const Pool2d&, int64_t, geometry::TapRange, int64_t, int64_t,
+                           at::opmath_type<scalar_t>*, int32_t*, scalar_t*, uint8_t*);
+
+template <int kStride, typename scalar_t>
+PoolRowFn<scalar_t> pool_row_inside_for_this_cpu() {
+  using acc_t = at::opmath_type<scalar_t>;
+#ifdef DECONV_X86_SIMD
+  if (isa_for_this_cpu() == Isa::kAvx512) return &avx512::pool_row_inside<kStride, scalar_t, acc_t>;
+  if (isa_for_this_cpu() == Isa::kAvx2) return &avx2::pool_row_inside<kStride, scalar_t, acc_t>;
+#endif
+  return &baseline::pool_row_inside<kStride, scalar_t, acc_t>;
+}
+
+template <typename scalar_t>
+using PoolPositionFn = void (*)(const scalar_t*, int64_t, int64_t, const Pool2d&, int64_t, int64_t, geometry::TapRange,
+                                geometry::TapRange, at::opmath_type<scalar_t>*, int32_t*, scalar_t*, uint8_t*);
+
+template <typename scalar_t>
+PoolPositionFn<scalar_t> pool_position_channels_last_for_this_cpu() {
+  using acc_t = at::opmath_type<scalar_t>;
+#ifdef DECONV_X86_SIMD
+  if (isa_for_this_cpu() == Isa::kAvx512) return &avx512::pool_position_channels_last<scalar_t, acc_t>;
+  if (isa_for_this_cpu() == Isa::kAvx2) return &avx2::pool_position_channels_last<scalar_t, acc_t>;
+#endif
+  return &baseline::pool_position_channels_last<scalar_t, acc_t>;
+}
+
+// The taps of every window along one axis that lie inside the input (geometry::taps_inside), made
+// once per call so that the loops divide nothing.
+std::vector<geometry::TapRange> taps_inside_table(int64_t windows, int64_t size, int64_t kernel, int64_t stride,
+                                                  int64_t padding, int64_t dilation) {
+  std::vector<geometry::TapRange> table(windows);
+  for (int64_t w = 0; w < windows; ++w) table[w] = geometry::taps_inside(w, size, kernel, stride, padding, dilation);
+  return table;
+}
+
+template <typename scalar_t>
+void max_pool2d_switches_kernel(const scalar_t* input, scalar_t* output, uint8_t* switches, int64_t planes,
+                                int64_t input_h, int64_t input_w, int64_t output_h, int64_t output_w,
+                                const Pool2d& pool) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto rows = taps_inside_table(output_h, input_h, pool.kernel_h, pool.stride_h, pool.padding_h, pool.dilation_h);
+  const auto cols = taps_inside_table(output_w, input_w, pool.kernel_w, pool.stride_w, pool.padding_w, pool.dilation_w);
+  // the output columns whose windows lie wholly inside the input's columns: a contiguous range
+  int64_t inside_first = output_w, inside_end = output_w;
+  for (int64_t ox = 0; ox < output_w; ++ox) {
+    if (cols[ox].first == 0 && cols[ox].end == pool.kernel_w) {
+      if (inside_first == output_w) inside_first = ox;
+      inside_end = ox + 1;
+    }
+  }
+  // strides 1 and 2 (nearly every CNN's pools) as constants: the compiler then loads the strided
+  // input columns with a few shuffles
+  const PoolRowFn<scalar_t> pool_row = pool.stride_w == 1   ? pool_row_inside_for_this_cpu<1, scalar_t>()
+                                       : pool.stride_w == 2 ? pool_row_inside_for_this_cpu<2, scalar_t>()
+                                                            : pool_row_inside_for_this_cpu<0, scalar_t>();
+  const int64_t work_per_plane = output_h * output_w * pool.kernel_h * pool.kernel_w;
+  at::parallel_for(0, planes, grain_for(work_per_plane), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> best(output_w);
+    std::vector<int32_t> best_tap(output_w);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const scalar_t* in = input + plane * input_h * input_w;
+      scalar_t* out = output + plane * output_h * output_w;
+      uint8_t* switch_out = switches + plane * output_h * output_w;
+      for (int64_t oy = 0; oy < output_h; ++oy) {
+        scalar_t* out_row = out + oy * output_w;
+        uint8_t* switch_row = switch_out + oy * output_w;
+        pool_row(in, input_w, pool, oy, rows[oy], inside_first, inside_end, best.data(), best_tap.data(), out_row,
+                 switch_row);
+        const auto pool_window = [&](int64_t ox) {  // a window reaching past the left or right edge
+          const auto window = geometry::window_max<scalar_t, acc_t>(in, input_h, input_w, pool, oy, ox);
+          out_row[ox] = static_cast<scalar_t>(window.value);
+          switch_row[ox] = static_cast<uint8_t>(window.tap);
+        };
+        for (int64_t ox = 0; ox < inside_first; ++ox) pool_window(ox);
+        for (int64_t ox = inside_end; ox < output_w; ++ox) pool_window(ox);
+      }
+    }
+  });
+}
+
+// `input`, `output`, `switches`: channels-last [N, H, W, C] and [N, output_h, output_w, C].
+template <typename scalar_t>
+void max_pool2d_switches_channels_last_kernel(const scalar_t* input, scalar_t* output, uint8_t* switches,
+                                              int64_t batch, int64_t channels, int64_t input_h, int64_t input_w,
+                                              int64_t output_h, int64_t output_w, const Pool2d& pool) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto rows = taps_inside_table(output_h, input_h, pool.kernel_h, pool.stride_h, pool.padding_h, pool.dilation_h);
+  const auto cols = taps_inside_table(output_w, input_w, pool.kernel_w, pool.stride_w, pool.padding_w, pool.dilation_w);
+  const PoolPositionFn<scalar_t> pool_position = pool_position_channels_last_for_this_cpu<scalar_t>();
+  const int64_t work_per_row = output_w * channels * pool.kernel_h * pool.kernel_w;
+  at::parallel_for(0, batch * output_h, grain_for(work_per_row), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> best(channels);
+    std::vector<int32_t> best_tap(channels);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / output_h, oy = row % output_h;
+      const scalar_t* image = input + n * input_h * input_w * channels;
+      for (int64_t ox = 0; ox < output_w; ++ox) {
+        const int64_t at = (row * output_w + ox) * channels;
+        pool_position(image, input_w, channels, pool, oy, ox, rows[oy], cols[ox], best.data(), best_tap.data(),
+                      output + at, switches + at);
+      }
+    }
+  });
 }
 
 // The sizes of one call of the fused op.
@@ -799,16 +893,28 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_switches_cpu(const at::Tensor& inp
                                                       pool.dilation_h, ceil_mode);
   const int64_t output_w = geometry::pool_output_size(input.size(3), pool.kernel_w, pool.stride_w, pool.padding_w,
                                                       pool.dilation_w, ceil_mode);
-  at::Tensor output = at::empty({input.size(0), input.size(1), output_h, output_w}, input.options());
+  // the input's memory format for the outputs, as PyTorch's max_pool2d
+  const bool channels_last = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor output =
+      at::empty({input.size(0), input.size(1), output_h, output_w}, input.options().memory_format(format));
   at::Tensor switches = at::empty_like(output, output.options().dtype(at::kByte));
   if (output.numel() == 0) {
     return {output, switches};
   }
-  const at::Tensor input_nchw = input.contiguous();
+  const at::Tensor input_contiguous = input.contiguous(format);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "max_pool2d_switches", [&] {
-    max_pool2d_switches_kernel<scalar_t>(input_nchw.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
-                                         switches.mutable_data_ptr<uint8_t>(), input.size(0) * input.size(1),
-                                         input.size(2), input.size(3), output_h, output_w, pool);
+    if (channels_last) {
+      max_pool2d_switches_channels_last_kernel<scalar_t>(
+          input_contiguous.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
+          switches.mutable_data_ptr<uint8_t>(), input.size(0), input.size(1), input.size(2), input.size(3), output_h,
+          output_w, pool);
+    } else {
+      max_pool2d_switches_kernel<scalar_t>(input_contiguous.const_data_ptr<scalar_t>(),
+                                           output.mutable_data_ptr<scalar_t>(), switches.mutable_data_ptr<uint8_t>(),
+                                           input.size(0) * input.size(1), input.size(2), input.size(3), output_h,
+                                           output_w, pool);
+    }
   });
   return {output, switches};
 }

@@ -100,6 +100,10 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_switches_cuda(const at::Tensor& in
         switches.mutable_data_ptr<uint8_t>(), height, width, pooled_h, pooled_w, pool);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  // the input's memory format, as the CPU kernel and PyTorch's max_pool2d return
+  if (input.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
+    return {output.contiguous(at::MemoryFormat::ChannelsLast), switches.contiguous(at::MemoryFormat::ChannelsLast)};
+  }
   return {output, switches};
 }
 
