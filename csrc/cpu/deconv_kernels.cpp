@@ -169,7 +169,7 @@ struct RoutedValue {
 // plane's unpooled map, all zero on entry and on return), in row-major window order (the gather's
 // order, geometry::unpooled_sum), and the position is listed once, at the first window selecting
 // it: listing a position takes its sum and leaves a zero, which the later windows selecting it see
-// and skip. `targets` holds pooled_h * pooled_w scratch positions.
+// and skip. `sums` has one more slot than the map; `targets` holds pooled_h * pooled_w positions.
 template <typename Rule, typename scalar_t, typename acc_t>
 int64_t collect_unpooled_values(const scalar_t* grad, const bool* positive, const uint8_t* switches,
                                 int64_t pooled_h, int64_t pooled_w, int64_t unpooled_h, int64_t unpooled_w,
@@ -200,22 +200,25 @@ int64_t collect_unpooled_values(const scalar_t* grad, const bool* positive, cons
     }
     return count;
   }
+  // Values that route nothing go to slot `nowhere` (one past the map), which stays zero: so the
+  // walks have no branch on the data (after the relu, half the values are zero at random).
+  const int32_t nowhere = static_cast<int32_t>(unpooled_h * unpooled_w);
   for (int64_t py = 0; py < pooled_h; ++py) {
     for (int64_t px = 0; px < pooled_w; ++px) {
       const int64_t index = py * pooled_w + px;
       const int32_t position = target(py, px, index);
-      targets[index] = position;
-      if (position >= 0) sums[position] += static_cast<acc_t>(grad[index]);
+      const bool routed = position >= 0;
+      targets[index] = routed ? position : nowhere;
+      sums[routed ? position : nowhere] += routed ? static_cast<acc_t>(grad[index]) : acc_t(0);
     }
   }
   const int64_t pooled_area = pooled_h * pooled_w;
   for (int64_t index = 0; index < pooled_area; ++index) {
     const int32_t position = targets[index];
-    if (position < 0) continue;
     const acc_t value = Rule::finish(sums[position]);
     sums[position] = acc_t(0);
     values[count] = UnpooledValue<acc_t>{position, value};
-    count += value != acc_t(0);  // zero: the rule's, or a position listed already
+    count += value != acc_t(0);  // zero: the rule's, a position listed already, or nowhere
   }
   return count;
 }
@@ -232,7 +235,7 @@ void collect_chunk(const scalar_t* grad, const bool* positive, const uint8_t* sw
   const int64_t pooled_area = pooled_h * pooled_w;
   const int64_t unpooled_area = unpooled_h * unpooled_w;
   at::parallel_for(0, samples * channels, grain_for(pooled_area * 4), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sums(overlapping ? unpooled_area : 0, acc_t(0));
+    std::vector<acc_t> sums(overlapping ? unpooled_area + 1 : 0, acc_t(0));
     std::vector<int32_t> targets(overlapping ? pooled_area : 0);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t offset = (n0 * channels + plane) * pooled_area;
@@ -683,8 +686,8 @@ void unpool_relu_deconv2d_kernel(const scalar_t* grad, const bool* positive, con
   }
 }
 
-// Pass 3 by gathering: one task per (sample, group, channel block, output row); consecutive tasks
-// share the block's packed weights. `weight_packed`: [groups, channel_blocks, kh, kw, c_out / groups,
+// Pass 3 by gathering: one task per (group, channel block, sample, output row); consecutive tasks
+// share the block's packed weights, which then stay in L2 from one sample to the next. `weight_packed`: [groups, channel_blocks, kh, kw, c_out / groups,
 // B] in the accumulate type, zero beyond c_in / groups (pack_weight).
 template <int B, typename scalar_t>
 struct GatherPass {
@@ -715,10 +718,10 @@ struct GatherPass {
       std::vector<acc_t> row(output_w * B);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t y = task % output_h;
-        const int64_t channel_block = (task / output_h) % channel_blocks;
-        const int64_t sample_group = task / (output_h * channel_blocks);
-        const int64_t group = sample_group % shape.groups;
-        const int64_t sample = sample_group / shape.groups;
+        const int64_t sample = (task / output_h) % samples;
+        const int64_t channel_block = (task / (output_h * samples)) % channel_blocks;
+        const int64_t group = task / (output_h * samples * channel_blocks);
+        const int64_t sample_group = sample * shape.groups + group;
         const GatherArgs<acc_t> args{routed + sample_group * out_per_group * shape.pooled_area(),
                                      offsets + sample_group * (shape.unpooled_area() + 1),
                                      weight_packed + (group * channel_blocks + channel_block) * packed_block_size,
