@@ -13,7 +13,7 @@ graph meet, the windows of the consumers are united. The same geometry gives ``r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -89,14 +89,27 @@ class Windows:
     def zero_outside(self, g: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """``g`` (a fresh result, changed in place) with zeros where the windows leave the map: there
         the forward read zero padding, which has no gradient."""
-        if g.device.type == "cpu" and not self._leave(size):  # (on a GPU the test would cost a sync)
-            return g
-        return g.masked_fill_(~self.inside(size), 0)
+        if g.device.type != "cpu":  # one kernel for all windows (a slice each would be a launch each)
+            return g.masked_fill_(~self.inside(size), 0)
+        # On the CPU only the strips outside the map, window by window: most windows lie inside it,
+        # and the others leave it by a few rows or columns.
+        for p, (y0, y1, x0, x1) in enumerate(self._inside_bounds(size)):
+            if (y0, y1, x0, x1) != (0, self.height, 0, self.width):
+                window = g[p]
+                window[:, :y0].zero_()
+                window[:, y1:].zero_()
+                window[:, y0:y1, :x0].zero_()
+                window[:, y0:y1, x1:].zero_()
+        return g
 
-    def _leave(self, size: Sequence[int]) -> bool:
-        """Whether any window reaches outside a map of ``size``."""
-        return bool(((self.top < 0) | (self.top + self.height > size[0]) |
-                     (self.left < 0) | (self.left + self.width > size[1])).any())
+    def _inside_bounds(self, size: Sequence[int]) -> List[Tuple[int, int, int, int]]:
+        """Per window, the rows [y0, y1) and columns [x0, x1) of it that lie inside a map of ``size``
+        (window coordinates; empty ranges where it lies wholly outside)."""
+        y0 = (-self.top).clamp(0, self.height)
+        y1 = torch.maximum((size[0] - self.top).clamp(max=self.height), y0)
+        x0 = (-self.left).clamp(0, self.width)
+        x1 = torch.maximum((size[1] - self.left).clamp(max=self.width), x0)
+        return torch.stack([y0, y1, x0, x1], dim=1).tolist()
 
     def paste(self, g: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """The windows [P, C, h, w] placed into zero maps [P, C, H, W]. Positions outside the map go
@@ -117,12 +130,10 @@ class Windows:
             return out.add_(self.paste(g, out.shape[2:]))
         # On the CPU a slice per window, clipped to the map: it reads and writes only the window
         # (scatter_add_ with an index per position moved three times the bytes).
-        size_h, size_w = out.shape[2:]
-        for p, (top, left) in enumerate(zip(self.top.tolist(), self.left.tolist())):
-            y0, y1 = max(top, 0), min(top + self.height, size_h)
-            x0, x1 = max(left, 0), min(left + self.width, size_w)
+        tops, lefts = self.top.tolist(), self.left.tolist()
+        for p, (y0, y1, x0, x1) in enumerate(self._inside_bounds(out.shape[2:])):
             if y0 < y1 and x0 < x1:
-                out[p, :, y0:y1, x0:x1].add_(g[p, :, y0 - top:y1 - top, x0 - left:x1 - left])
+                out[p, :, tops[p] + y0:tops[p] + y1, lefts[p] + x0:lefts[p] + x1].add_(g[p, :, y0:y1, x0:x1])
         return out
 
     def embed(self, g: torch.Tensor, outer: "Windows") -> torch.Tensor:

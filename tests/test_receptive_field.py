@@ -547,3 +547,38 @@ def test_crop_patches_rejects_bad_input(case, device):
         images = images.to(device)
     with pytest.raises(ValueError, match=rf"^crop_patches: .*{words}"):
         crop_patches(images, boxes)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Window operations: zeroing outside the map and adding windows into maps, against their definitions
+# --------------------------------------------------------------------------------------------- #
+
+def random_windows(device, count=40, height=7, width=5, size=(9, 11), seed=0):
+    """Windows that lie inside the map, leave it on each side, and lie wholly outside it."""
+    gen = torch.Generator().manual_seed(seed)
+    top = torch.randint(-height - 2, size[0] + 2, (count,), generator=gen)
+    left = torch.randint(-width - 2, size[1] + 2, (count,), generator=gen)
+    top[:4] = torch.tensor([1, -height, size[0], -2])  # inside, above, below, across the top edge
+    left[:4] = torch.tensor([2, 0, 0, -width - 1])
+    return deconvcuda.windows.Windows(top.to(device), left.to(device), height, width)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_outside_and_add_into_match_their_definitions(device):
+    size = (9, 11)
+    windows = random_windows(device, size=size)
+    g = torch.randn(len(windows.top), 3, windows.height, windows.width, device=device)
+    rows = windows.top[:, None] + torch.arange(windows.height, device=device)
+    cols = windows.left[:, None] + torch.arange(windows.width, device=device)
+    inside = (((rows >= 0) & (rows < size[0]))[:, None, :, None] & ((cols >= 0) & (cols < size[1]))[:, None, None, :])
+    assert torch.equal(windows.zero_outside(g.clone(), size), g * inside)
+
+    out = torch.randn(len(windows.top), 3, *size, device=device)
+    expected = out.clone()
+    for p in range(len(windows.top)):  # the definition: each inside position gets its window's value
+        for y in range(windows.height):
+            for x in range(windows.width):
+                my, mx = int(rows[p, y]), int(cols[p, x])
+                if 0 <= my < size[0] and 0 <= mx < size[1]:
+                    expected[p, :, my, mx] += g[p, :, y, x]
+    torch.testing.assert_close(windows.add_into(out, g), expected, rtol=0, atol=1e-6)
