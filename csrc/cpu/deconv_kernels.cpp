@@ -613,6 +613,32 @@ void max_pool2d_switches_channels_last_kernel(const scalar_t* input, scalar_t* o
   });
 }
 
+// Scratch memory of the fused op, kept from call to call on the calling thread, one buffer per
+// kSlot of up to kKeptElements elements (16 MiB in all for float32, 32 for float64; larger ones
+// are allocated per call). A fresh
+// allocation of several MiB comes from the kernel page by page, each page zeroed on its first
+// touch: that was a tenth of the op's time at VGG16's first block.
+template <typename T, int kSlot>
+class Scratch {
+ public:
+  static constexpr int64_t kKeptElements = int64_t(1) << 20;
+
+  explicit Scratch(int64_t count) {
+    std::vector<T>& buffer = count <= kKeptElements ? kept() : own_;
+    if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(count);
+    data_ = buffer.data();
+  }
+  T* get() const { return data_; }
+
+ private:
+  static std::vector<T>& kept() {
+    thread_local std::vector<T> buffer;
+    return buffer;
+  }
+  std::vector<T> own_;
+  T* data_ = nullptr;
+};
+
 // The sizes of one call of the fused op.
 struct FusedShape {
   int64_t batch;
@@ -643,28 +669,29 @@ void unpool_relu_deconv2d_kernel(const scalar_t* grad, const bool* positive, con
   const int64_t values_per_sample = std::max<int64_t>(1, shape.conv_out_channels * pooled_area);
   const int64_t chunk = std::clamp<int64_t>(kValuesPerChunk / values_per_sample, 1, shape.batch);
   // Every list may be full (no zero, no repeated position), so each plane gets pooled_area.
-  std::unique_ptr<UnpooledValue<acc_t>[]> values(new UnpooledValue<acc_t>[chunk * shape.conv_out_channels * pooled_area]);
-  std::unique_ptr<RoutedValue<acc_t>[]> routed(new RoutedValue<acc_t>[chunk * shape.conv_out_channels * pooled_area]);
-  std::vector<int64_t> counts(chunk * shape.conv_out_channels);
-  std::vector<int64_t> offsets(chunk * shape.groups * (unpooled_area + 1));
+  Scratch<UnpooledValue<acc_t>, 0> values(chunk * shape.conv_out_channels * pooled_area);
+  Scratch<RoutedValue<acc_t>, 1> routed(chunk * shape.conv_out_channels * pooled_area);
+  Scratch<int64_t, 2> counts(chunk * shape.conv_out_channels);
+  Scratch<int64_t, 3> offsets(chunk * shape.groups * (unpooled_area + 1));
 
   for (int64_t n0 = 0; n0 < shape.batch; n0 += chunk) {
     const int64_t samples = std::min(chunk, shape.batch - n0);
 
     collect_chunk<Rule>(grad, positive, switches, n0, samples, shape.conv_out_channels, shape.pooled_h,
-                        shape.pooled_w, shape.unpooled_h, shape.unpooled_w, pool, values.get(), counts.data());
+                        shape.pooled_w, shape.unpooled_h, shape.unpooled_w, pool, values.get(), counts.get());
 
     // Pass 2: per (sample, group), the values regrouped by position (a counting sort, stable in c_out).
     const int64_t work_per_group = out_per_group * pooled_area + unpooled_area;
+    const int64_t* list_length = counts.get();
     at::parallel_for(0, samples * shape.groups, grain_for(work_per_group), [&](int64_t begin, int64_t end) {
       std::vector<int64_t> cursor(unpooled_area);
       for (int64_t sample_group = begin; sample_group < end; ++sample_group) {
         const int64_t first_plane = sample_group * out_per_group;  // = sample * C_out + group * out_per_group
-        int64_t* position_offsets = offsets.data() + sample_group * (unpooled_area + 1);
+        int64_t* position_offsets = offsets.get() + sample_group * (unpooled_area + 1);
         std::fill(position_offsets, position_offsets + unpooled_area + 1, 0);
         for (int64_t channel = 0; channel < out_per_group; ++channel) {
           const UnpooledValue<acc_t>* list = values.get() + (first_plane + channel) * pooled_area;
-          for (int64_t i = 0; i < counts[first_plane + channel]; ++i) {
+          for (int64_t i = 0; i < list_length[first_plane + channel]; ++i) {
             ++position_offsets[list[i].position + 1];
           }
         }
@@ -675,14 +702,14 @@ void unpool_relu_deconv2d_kernel(const scalar_t* grad, const bool* positive, con
         RoutedValue<acc_t>* group_routed = routed.get() + first_plane * pooled_area;
         for (int64_t channel = 0; channel < out_per_group; ++channel) {
           const UnpooledValue<acc_t>* list = values.get() + (first_plane + channel) * pooled_area;
-          for (int64_t i = 0; i < counts[first_plane + channel]; ++i) {
+          for (int64_t i = 0; i < list_length[first_plane + channel]; ++i) {
             group_routed[cursor[list[i].position]++] = RoutedValue<acc_t>{static_cast<int32_t>(channel), list[i].value};
           }
         }
       }
     });
 
-    pass3(n0, samples, routed.get(), offsets.data());
+    pass3(n0, samples, routed.get(), offsets.get());
   }
 }
 
