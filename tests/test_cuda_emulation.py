@@ -6,7 +6,8 @@ call per work item, exactly where the .cu file launches its kernels; this module
 the host compiler and compares the results with the reference and with PyTorch's autograd on the
 cases of test_ops.py, as test_ops.py does for the real ops. So the CUDA kernels' indexing,
 summation order and rounding are tested on every machine, GPU or not; what runs only on a GPU (the
-launches themselves) is covered by test_ops.py's CUDA half where one is present.
+launches themselves) is covered by test_ops.py's CUDA half where one is present, and by the tests
+at the end of this module, which compare the GPU's results with the emulation's bit for bit.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import FLOAT_DTYPES, assert_bitwise_equal, dtype_id
+from conftest import CUDA_AVAILABLE, FLOAT_DTYPES, assert_bitwise_equal, dtype_id
 from deconvcuda import reference
 from test_ops import (FUSED_CASES, POOL_CASES, _ids, check_max_pool2d_switches, check_unpool_relu,
                       check_unpool_relu_deconv2d, fused_args, fused_inputs)
@@ -33,6 +34,8 @@ def emulated():
     """torch.ops.deconvcuda_cuda_emulation, built once (cached in build/cuda_emulation between runs)."""
     from torch.utils import cpp_extension
 
+    if not cpp_extension.is_ninja_available():
+        pytest.skip("ninja is not installed: torch.utils.cpp_extension.load needs it to build tests/cuda_emulation.cpp")
     build_directory = os.path.join(ROOT, "build", "cuda_emulation")
     os.makedirs(build_directory, exist_ok=True)
     cpp_extension.load(
@@ -196,6 +199,43 @@ def test_staged_kernel_needs_32_bit_indices(emulated):
                                               1, True, 2)
 
 
+# --------------------------------------------------------------------------------------------- #
+# On a GPU: the kernels against their emulation, bit for bit
+# --------------------------------------------------------------------------------------------- #
+
+NEEDS_CUDA = pytest.mark.skipif(not CUDA_AVAILABLE,
+                                reason="CUDA not available: the CUDA kernels are compiled but not run here")
+
+
+def _assert_device_matches_emulation(emulated, grad, switches, weight, args, msg):
+    """ops.unpool_relu_deconv2d on the GPU against the emulation on the CPU, every rule: the same
+    bits (the emulation runs the kernels' own element code, with the same explicit fma)."""
+    from deconvcuda import ops
+
+    for rule, positive in (("deconvnet", None), ("guided", grad > 0), ("gradient", grad > 0)):
+        expected = emulated.unpool_relu_deconv2d(grad, switches, weight, *args, rule=rule, positive=positive)
+        on_device = ops.unpool_relu_deconv2d(grad.cuda(), switches.cuda(), weight.cuda(), *args, rule=rule,
+                                             positive=None if positive is None else positive.cuda())
+        assert_bitwise_equal(on_device.cpu(), expected, f"{msg}, rule={rule}")
+
+
+@pytest.mark.cuda
+@NEEDS_CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("case", LAUNCH_CASES, ids=_ids(LAUNCH_CASES))
+def test_device_matches_its_emulation(emulated, dtype, case):
+    from deconvcuda import ops
+
+    pre_pool, grad, weight, pool_input = fused_inputs(case, dtype, "cpu", "device_vs_emulation")
+    switches = emulated.max_pool2d_switches(pre_pool, *case.pool.args(), case.pool.ceil_mode)[1]
+    device_switches = ops.max_pool2d_switches(pre_pool.cuda(), *case.pool.args(), ceil_mode=case.pool.ceil_mode)[1]
+    assert_bitwise_equal(device_switches.cpu(), switches, "max_pool2d_switches")
+    _assert_device_matches_emulation(emulated, grad, switches, weight, fused_args(case, pool_input), case.name)
+    unpooled = ops.unpool_relu(grad.cuda(), switches.cuda(), pool_input, *case.pool.args())
+    assert_bitwise_equal(unpooled.cpu(), emulated.unpool_relu(grad, switches, pool_input, *case.pool.args()),
+                         "unpool_relu")
+
+
 def _multi_chunk_inputs(kernel, out_channels, seed):
     """float64, a 2 x 2 pool over 8 x 8, 3 input channels: an 11 x 11 filter stages 22 output
     channels a chunk (968 bytes each), so 64 of them take three chunks; a 57 x 57 one does not fit."""
@@ -215,6 +255,16 @@ def test_multi_chunk_launch(emulated):
     grad, switches, weight, args = _multi_chunk_inputs(11, 64, 5)
     torch.testing.assert_close(emulated.unpool_relu_deconv2d(grad, switches, weight, *args),
                                reference.unpool_relu_deconv2d(grad, switches, weight, *args))
+
+
+@pytest.mark.cuda
+@NEEDS_CUDA
+@pytest.mark.parametrize("kernel, out_channels", [(11, 64), (57, 4)], ids=["three_chunks", "global_memory"])
+def test_device_staged_chunks_match_emulation(emulated, kernel, out_channels):
+    """The staged kernel over several chunks (barriers between them), and the global-memory kernel
+    where a filter is too large to stage, on the GPU: the emulation's bits."""
+    grad, switches, weight, args = _multi_chunk_inputs(kernel, out_channels, 6)
+    _assert_device_matches_emulation(emulated, grad, switches, weight, args, f"{kernel} x {kernel} filters")
 
 
 # --------------------------------------------------------------------------------------------- #
