@@ -9,8 +9,10 @@
 #   2 build     setup.py build_ext --inplace against this machine's own python3 and torch (not the
 #               Makefile: its .venv needs the package index), sm_90 only, DECONVCUDA_FORCE_CUDA=1 so a
 #               missing nvcc fails loudly instead of building the CPU kernels only
-#   3 tests     the CUDA half of the tests (pytest -m cuda): the ops first, then the rest
-#   4 memcheck  compute-sanitizer memcheck on a small CUDA subset of the op tests
+#   3 tests     the CUDA half of the tests (pytest -m cuda): the ops first, then the rest, then the
+#               kernels against their host emulation bit for bit (tests/test_cuda_emulation.py)
+#   4 memcheck  compute-sanitizer memcheck on a small CUDA subset of the op tests; racecheck and
+#               synccheck on the fused op's staged kernel (shared memory, barriers)
 #   5 bench     bench/bench_kernels.py on CUDA, batch 64, fp32 / tf32 / bf16: every op against the
 #               reference and PyTorch's chain (max_pool2d backward + relu + conv_transpose2d), the
 #               fused op against the dense path, unpool_relu against copy bandwidth
@@ -84,13 +86,25 @@ stage import 30 "$OUT_DIR/build.log" "$PYTHON" -c \
 stage tests-ops 120 "$OUT_DIR/tests.log" "$PYTHON" -m pytest -m cuda -q -ra -p no:cacheprovider tests/test_ops.py
 stage tests-rest 90 "$OUT_DIR/tests.log" "$PYTHON" -m pytest -m cuda -q -ra -p no:cacheprovider tests \
   --ignore=tests/test_ops.py --ignore=tests/test_cuda_emulation.py
+# The GPU's bits against the host emulation's (builds tests/cuda_emulation.cpp first: about 30 s).
+stage tests-emulation 75 "$OUT_DIR/tests.log" "$PYTHON" -m pytest -m cuda -q -ra -p no:cacheprovider \
+  tests/test_cuda_emulation.py
 
 # 4. memcheck on a few fused and unpooling cases (overlapping and 2x2 pools, every rule inside each
-#    check), float32 and bfloat16: out-of-bounds reads or writes in the kernels fail the stage.
+#    check), float32 and bfloat16, and on the fused op's staged kernel over three chunks and its
+#    global-memory kernel: out-of-bounds reads or writes in the kernels fail the stage.
 if command -v compute-sanitizer >/dev/null 2>&1; then
   stage memcheck 90 "$OUT_DIR/memcheck.log" compute-sanitizer --tool memcheck --error-exitcode 3 \
-    "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider tests/test_ops.py \
-    -k "(alexnet_conv5_pool5 or vgg_conv_pool or grouped_ties or arbitrary_switches) and (float32 or bfloat16 or arbitrary)"
+    "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider tests/test_ops.py tests/test_cuda_emulation.py \
+    -k "((alexnet_conv5_pool5 or vgg_conv_pool or grouped_ties or arbitrary_switches) and (float32 or bfloat16 or arbitrary)) or test_device_staged_chunks"
+  # The staged kernel of unpool_relu_deconv2d is the one kernel with shared memory and barriers:
+  # races on the staged taps (a missing __syncthreads) and barriers not every thread reaches. Its
+  # three-chunk case and one test_ops case; the emulation module was built by tests-emulation.
+  for tool in racecheck synccheck; do
+    stage "$tool" 45 "$OUT_DIR/memcheck.log" compute-sanitizer --tool "$tool" --error-exitcode 3 \
+      "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda_emulation.py tests/test_ops.py \
+      -k "three_chunks or (test_unpool_relu_deconv2d and vgg_conv_pool and not odd and float32)"
+  done
 else
   echo "memcheck   SKIPPED: compute-sanitizer not on PATH" | tee -a "$SUMMARY"
 fi

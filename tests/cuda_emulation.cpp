@@ -2,10 +2,12 @@
 //
 // Each op below checks its arguments and prepares its inputs as its twin in
 // csrc/cuda/deconv_kernels.cu does, then, where the .cu file launches a grid-stride loop over work
-// items, runs the same element function once per work item on the host. So on a machine without a
-// GPU the tests can compare the CUDA kernels' exact arithmetic with the reference: every index, the
-// summation order, the accumulation type and the rounding are the ones the GPU runs. What this
-// cannot show is anything about the launch itself (grid sizes, streams, memory spaces).
+// items, runs the same element function once per work item on the host (where it launches the
+// fused op's staged kernel: that kernel's blocks one by one, shared-memory staging included, with
+// the same helpers). So on a machine without a GPU the tests can compare the CUDA kernels' exact
+// arithmetic with the reference: every index, the summation order, the accumulation type and the
+// rounding are the ones the GPU runs. What this cannot show is anything about the launch itself
+// (grid sizes, streams, memory spaces, barriers).
 //
 // Built on demand by tests/test_cuda_emulation.py with torch.utils.cpp_extension.load; registers
 // the library `deconvcuda_cuda_emulation` with the schemas of csrc/ops.cpp.
@@ -14,7 +16,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
 #include <tuple>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/geometry.h"
@@ -105,34 +110,118 @@ at::Tensor unpool_relu(const at::Tensor& grad, const at::Tensor& switches, at::I
                              /*index64=*/false);
 }
 
-// unpool_relu_deconv2d with the launch choices of the .cu file (channels per thread for an H100,
-// 32-bit indices where they fit), or with `channels_per_thread` (8, 4 or 1; 0: the .cu file's
-// choice) and 64-bit indices where `index64`, for the tests to compare every variant.
+// The staged kernel of deconv_kernels.cu (unpool_relu_deconv2d_staged_kernel) on the host: block
+// (slice, row of items) by block, each chunk of output channels staged with stage_filter_tap into a
+// buffer of the kernel's shared-memory layout, then every active thread's item accumulated from it,
+// then stored; the same helpers, in the same order, as the kernel. The buffer is NaN wherever the
+// staging does not write and sits between NaN guard regions as large as itself, so a read of a tap
+// the kernel would not have staged, or one past the staged slice, shows as NaN in the output.
+template <typename Rule, int kChannels, typename scalar_t>
+void staged_kernel_on_host(int64_t batch, const scalar_t* grad, const bool* positive, const uint8_t* switches,
+                           const scalar_t* weight, scalar_t* output, const cuda_elements::FusedShape& shape,
+                           const geometry::Pool2d& pool, const geometry::Conv2d& conv, int64_t out_channels_per_chunk) {
+  using index_t = int32_t;
+  using acc_t = at::opmath_type<scalar_t>;
+  struct Sums {
+    acc_t value[kChannels];
+  };
+  constexpr int64_t kThreads = cuda_elements::kThreadsPerBlock;
+  const int64_t items = batch * shape.out_h * shape.out_w;
+  const int64_t item_blocks = geometry::ceil_div(items, kThreads);
+  const int64_t slices = shape.groups * shape.channel_tiles;
+  const index_t in_per_group = static_cast<index_t>(shape.in_channels_per_group);
+  const index_t taps_per_filter = static_cast<index_t>(conv.kernel_h * conv.kernel_w);
+  const int64_t staged_size = out_channels_per_chunk * kChannels * taps_per_filter;  // the launch's shared memory
+  // One block per (slice, row of items): blockIdx.x = slice, blockIdx.y = row.
+  at::parallel_for(0, slices * item_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> buffer(3 * staged_size);
+    scalar_t* staged = buffer.data() + staged_size;
+    std::vector<cuda_elements::FusedWorkItem<index_t>> thread_items(kThreads);
+    std::vector<Sums> sums(kThreads);
+    for (int64_t block_id = begin; block_id < end; ++block_id) {
+      const auto slice =
+          cuda_elements::staged_slice<kChannels, index_t>(static_cast<index_t>(block_id % slices), shape);
+      const int64_t block = block_id / slices;
+      for (int64_t thread = 0; thread < kThreads; ++thread) {
+        const int64_t item_index = block * kThreads + thread;
+        if (item_index < items) {
+          thread_items[thread] =
+              cuda_elements::staged_work_item<kChannels, index_t>(slice, static_cast<index_t>(item_index), shape,
+                                                                  pool, conv);
+        }
+        for (int t = 0; t < kChannels; ++t) sums[thread].value[t] = acc_t(0);
+      }
+      for (index_t co_begin = slice.first_out_channel; co_begin < slice.end_out_channel;) {
+        const index_t co_end =
+            cuda_elements::staged_chunk_end(slice, co_begin, static_cast<index_t>(out_channels_per_chunk));
+        std::fill(buffer.begin(), buffer.end(), std::numeric_limits<scalar_t>::quiet_NaN());
+        const index_t count = cuda_elements::staged_taps(co_end - co_begin, slice.channels, taps_per_filter);
+        for (index_t i = 0; i < count; ++i) {
+          cuda_elements::stage_filter_tap<kChannels>(i, staged, weight, co_begin, slice.first_channel, slice.channels,
+                                                     in_per_group, taps_per_filter);
+        }
+        const auto filters = cuda_elements::staged_filter_slice<kChannels, index_t, scalar_t>(staged, co_begin,
+                                                                                             taps_per_filter);
+        for (int64_t thread = 0; thread < kThreads && block * kThreads + thread < items; ++thread) {
+          cuda_elements::accumulate_fused<Rule, kChannels, index_t, scalar_t>(
+              thread_items[thread], co_begin, co_end, grad, positive, switches, filters, shape, pool, conv,
+              sums[thread].value);
+        }
+        co_begin = co_end;
+      }
+      for (int64_t thread = 0; thread < kThreads && block * kThreads + thread < items; ++thread) {
+        cuda_elements::store_fused<kChannels, index_t, scalar_t>(thread_items[thread], sums[thread].value, output,
+                                                                 shape);
+      }
+    }
+  });
+}
+
+// unpool_relu_deconv2d as the .cu file launches it (cuda_elements::choose_fused_launch for an
+// H100), or a variant, for the tests to compare them all:
+//   channels_per_thread  0: the launch's choice; 8, 4 or 1: that many (and the staging budget's
+//                        chunk for it, or the global-memory kernel where none fits)
+//   index64              64-bit indices (the global-memory kernel only, as on the GPU)
+//   out_channels_per_chunk  0: as above; -1: the global-memory kernel; k > 0: the staged kernel
+//                        with chunks of k output channels
 at::Tensor unpool_relu_deconv2d_variant(const at::Tensor& grad, const at::Tensor& switches, const at::Tensor& weight,
                                         at::IntArrayRef input_size, at::IntArrayRef kernel_size,
                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                         at::IntArrayRef conv_stride, at::IntArrayRef conv_padding,
                                         at::IntArrayRef conv_dilation, int64_t groups, at::IntArrayRef output_size,
                                         c10::string_view rule, const std::optional<at::Tensor>& positive,
-                                        int64_t channels_per_thread, bool index64) {
+                                        int64_t channels_per_thread, bool index64, int64_t out_channels_per_chunk) {
   const auto fused = checks::check_unpool_relu_deconv2d(grad, switches, weight, input_size, kernel_size, stride,
                                                         padding, dilation, conv_stride, conv_padding, conv_dilation,
                                                         groups, output_size, rule, positive);
+  TORCH_CHECK(channels_per_thread == 0 || channels_per_thread == 1 || channels_per_thread == 4 ||
+                  channels_per_thread == 8,
+              "unpool_relu_deconv2d_variant: channels_per_thread must be 0, 1, 4 or 8, got ", channels_per_thread);
+  TORCH_CHECK(out_channels_per_chunk >= -1,
+              "unpool_relu_deconv2d_variant: out_channels_per_chunk must be -1, 0 or positive, got ",
+              out_channels_per_chunk);
   const int64_t batch = grad.size(0), in_channels = weight.size(1) * groups;
-  const bool small =
+  const int64_t taps_per_filter = weight.size(2) * weight.size(3);
+  const bool index32 =
       !index64 && cuda_elements::fits_int32(
                       {grad.numel(), weight.numel(), batch * in_channels * output_size[0] * output_size[1]});
-  if (channels_per_thread == 0) {
-    channels_per_thread = small ? cuda_elements::choose_channels_per_thread(batch, groups, weight.size(1),
-                                                                            output_size[0], output_size[1],
-                                                                            kEmulatedResidentThreads)
-                                : 1;
+  cuda_elements::FusedLaunch plan = cuda_elements::choose_fused_launch(
+      batch, groups, weight.size(1), weight.size(0), taps_per_filter, weight.element_size(), output_size[0],
+      output_size[1], index32, kEmulatedResidentThreads);
+  if (channels_per_thread != 0) {
+    plan.channels_per_thread = channels_per_thread;
+    plan.out_channels_per_chunk =
+        index32 ? cuda_elements::staged_out_channels_per_chunk(weight.size(0) / groups, channels_per_thread,
+                                                               taps_per_filter, weight.element_size())
+                : 0;
   }
-  TORCH_CHECK(channels_per_thread == 1 || channels_per_thread == 4 || channels_per_thread == 8,
-              "unpool_relu_deconv2d_variant: channels_per_thread must be 0, 1, 4 or 8, got ", channels_per_thread);
+  if (out_channels_per_chunk != 0) plan.out_channels_per_chunk = std::max<int64_t>(out_channels_per_chunk, 0);
+  TORCH_CHECK(index32 || plan.out_channels_per_chunk == 0,
+              "unpool_relu_deconv2d_variant: the staged kernel has 32-bit indices only (index64=True needs "
+              "out_channels_per_chunk=-1 or 0)");
   const auto shape = cuda_elements::FusedShape::of(weight.size(0), weight.size(1), groups, grad.size(2),
                                                    grad.size(3), input_size[0], input_size[1], output_size[0],
-                                                   output_size[1], channels_per_thread);
+                                                   output_size[1], plan.channels_per_thread);
   at::Tensor output = at::empty({batch, in_channels, output_size[0], output_size[1]}, grad.options());
   if (output.numel() == 0) return output;
   if (grad.numel() == 0 || weight.numel() == 0) return output.zero_();
@@ -147,10 +236,15 @@ at::Tensor unpool_relu_deconv2d_variant(const at::Tensor& grad, const at::Tensor
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
     rules::dispatch_rule(fused.rule, mask.present(), [&](auto rule_type) {
       using Rule = decltype(rule_type);
-      cuda_elements::with_channels_per_thread(channels_per_thread, [&](auto channels) {
+      cuda_elements::with_channels_per_thread(plan.channels_per_thread, [&](auto channels) {
         constexpr int kChannels = decltype(channels)::value;
+        if (plan.out_channels_per_chunk > 0) {
+          staged_kernel_on_host<Rule, kChannels, scalar_t>(batch, g, mask.data(), sw, w, out, shape, fused.pool,
+                                                           fused.conv, plan.out_channels_per_chunk);
+          return;
+        }
         for_each_work_item(shape.work_items(batch), [&](int64_t index) {
-          if (small) {
+          if (index32) {
             cuda_elements::unpool_relu_deconv2d_element<Rule, kChannels, int32_t>(index, g, mask.data(), sw, w, out,
                                                                                   shape, fused.pool, fused.conv);
           } else {
@@ -164,6 +258,17 @@ at::Tensor unpool_relu_deconv2d_variant(const at::Tensor& grad, const at::Tensor
   return output;
 }
 
+// The launch the .cu file picks (choose_fused_launch, for an H100), as [channels_per_thread,
+// out_channels_per_chunk]: the tests check which kernel a shape gets.
+std::vector<int64_t> fused_launch(int64_t batch, int64_t groups, int64_t in_channels_per_group, int64_t out_channels,
+                                  int64_t taps_per_filter, int64_t element_size, int64_t out_h, int64_t out_w,
+                                  bool index32) {
+  const auto plan = cuda_elements::choose_fused_launch(batch, groups, in_channels_per_group, out_channels,
+                                                       taps_per_filter, element_size, out_h, out_w, index32,
+                                                       kEmulatedResidentThreads);
+  return {plan.channels_per_thread, plan.out_channels_per_chunk};
+}
+
 at::Tensor unpool_relu_deconv2d(const at::Tensor& grad, const at::Tensor& switches, const at::Tensor& weight,
                                 at::IntArrayRef input_size, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation, at::IntArrayRef conv_stride,
@@ -172,7 +277,7 @@ at::Tensor unpool_relu_deconv2d(const at::Tensor& grad, const at::Tensor& switch
                                 const std::optional<at::Tensor>& positive) {
   return unpool_relu_deconv2d_variant(grad, switches, weight, input_size, kernel_size, stride, padding, dilation,
                                       conv_stride, conv_padding, conv_dilation, groups, output_size, rule, positive,
-                                      /*channels_per_thread=*/0, /*index64=*/false);
+                                      /*channels_per_thread=*/0, /*index64=*/false, /*out_channels_per_chunk=*/0);
 }
 
 }  // namespace
@@ -198,6 +303,9 @@ TORCH_LIBRARY(deconvcuda_cuda_emulation, m) {
   m.def("unpool_relu_deconv2d_variant(Tensor grad, Tensor switches, Tensor weight, int[2] input_size, "
         "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int[2] conv_stride, "
         "int[2] conv_padding, int[2] conv_dilation, int groups, int[2] output_size, str rule, Tensor? positive, "
-        "int channels_per_thread, bool index64) -> Tensor",
+        "int channels_per_thread, bool index64, int out_channels_per_chunk) -> Tensor",
         TORCH_FN(unpool_relu_deconv2d_variant));
+  m.def("fused_launch(int batch, int groups, int in_channels_per_group, int out_channels, int taps_per_filter, "
+        "int element_size, int out_h, int out_w, bool index32) -> int[]",
+        TORCH_FN(fused_launch));
 }

@@ -6,7 +6,8 @@ call per work item, exactly where the .cu file launches its kernels; this module
 the host compiler and compares the results with the reference and with PyTorch's autograd on the
 cases of test_ops.py, as test_ops.py does for the real ops. So the CUDA kernels' indexing,
 summation order and rounding are tested on every machine, GPU or not; what runs only on a GPU (the
-launches themselves) is covered by test_ops.py's CUDA half where one is present.
+launches themselves) is covered by test_ops.py's CUDA half where one is present, and by the tests
+at the end of this module, which compare the GPU's results with the emulation's bit for bit.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import FLOAT_DTYPES, assert_bitwise_equal, dtype_id
+from conftest import CUDA_AVAILABLE, FLOAT_DTYPES, assert_bitwise_equal, dtype_id
 from deconvcuda import reference
 from test_ops import (FUSED_CASES, POOL_CASES, _ids, check_max_pool2d_switches, check_unpool_relu,
                       check_unpool_relu_deconv2d, fused_args, fused_inputs)
@@ -33,6 +34,8 @@ def emulated():
     """torch.ops.deconvcuda_cuda_emulation, built once (cached in build/cuda_emulation between runs)."""
     from torch.utils import cpp_extension
 
+    if not cpp_extension.is_ninja_available():
+        pytest.skip("ninja is not installed: torch.utils.cpp_extension.load needs it to build tests/cuda_emulation.cpp")
     build_directory = os.path.join(ROOT, "build", "cuda_emulation")
     os.makedirs(build_directory, exist_ok=True)
     cpp_extension.load(
@@ -94,24 +97,174 @@ def test_fused_multiply_add_is_explicit(emulated):
 
 LAUNCH_CASES = FUSED_CASES[:5] + FUSED_CASES[5::9]
 
+# (out_channels_per_chunk, with 32-bit indices): the staging budget's chunk (0), the global-memory
+# kernel (-1), and chunks of 1 and 3 output channels, so that groups of 2 to 8 output channels are
+# split into several chunks, a last one shorter (8 = 3 + 3 + 2).
+CHUNK_VARIANTS = (0, -1, 1, 3)
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("case", LAUNCH_CASES, ids=_ids(LAUNCH_CASES))
 def test_launch_variants_agree_bit_for_bit(emulated, dtype, case):
-    """Whatever the launch picks (8, 4 or 1 input channels per thread; 32- or 64-bit indices), each
-    output element is summed in the same order: the results are the same bits."""
+    """Whatever the launch picks (8, 4 or 1 input channels per thread; 32- or 64-bit indices; taps
+    from global memory, or staged in shared memory in chunks of any size), each output element is
+    summed in the same order: the results are the same bits. The staged variants run the staged
+    kernel's blocks on the host with a NaN-filled staging buffer between NaN guards, so a read of a
+    tap that the block did not stage would also show here, as NaN."""
     pre_pool, grad, weight, pool_input = fused_inputs(case, dtype, "cpu", "launch_variants")
     _, switches = reference.max_pool2d_switches(pre_pool, *case.pool.args(), ceil_mode=case.pool.ceil_mode)
     args = fused_args(case, pool_input)
     default = emulated.unpool_relu_deconv2d(grad, switches, weight, *args, rule="guided", positive=grad > 0)
     for channels in (1, 4, 8):
-        for index64 in (False, True):
-            variant = emulated.unpool_relu_deconv2d_variant(grad, switches, weight, *args, "guided", grad > 0,
-                                                            channels, index64)
-            assert_bitwise_equal(variant, default, f"{channels} channels per thread, index64={index64}")
+        for index64, chunks in ((False, CHUNK_VARIANTS), (True, (0, -1))):
+            for chunk in chunks:
+                variant = emulated.unpool_relu_deconv2d_variant(grad, switches, weight, *args, "guided", grad > 0,
+                                                                channels, index64, chunk)
+                assert_bitwise_equal(variant, default, f"{channels} channels per thread, index64={index64}, "
+                                     f"out_channels_per_chunk={chunk}")
     unpooled = emulated.unpool_relu(grad, switches, pool_input, *case.pool.args())
     unpooled64 = emulated.unpool_relu_indexed(grad, switches, pool_input, *case.pool.args(), "deconvnet", None, True)
     assert_bitwise_equal(unpooled64, unpooled, "unpool_relu, 64-bit indices")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_staged_blocks_span_images_and_rows(emulated, dtype):
+    """A staged block's 256 items run on across output rows and images (13 x 13 pixels, 3 images:
+    507 items, two blocks, the second part empty), with groups and a last, partial channel tile
+    (6 input channels per group, 4 per thread): every rule, against the reference and bit for bit
+    against the global-memory kernel."""
+    gen = torch.Generator().manual_seed(7)
+    grad = torch.randn(3, 10, 6, 6, generator=gen).to(dtype)
+    pre_pool = torch.randn(3, 10, 13, 13, generator=gen).to(dtype)
+    weight = torch.randn(10, 6, 3, 3, generator=gen).to(dtype)
+    _, switches = reference.max_pool2d_switches(pre_pool, (3, 3), (2, 2))
+    args = ((13, 13), (3, 3), (2, 2), (0, 0), (1, 1), (1, 1), (1, 1), (1, 1), 2, (13, 13))
+    for rule, positive in (("deconvnet", None), ("guided", grad > 0), ("gradient", grad > 0)):
+        expected = reference.unpool_relu_deconv2d(grad.double(), switches, weight.double(), *args, rule=rule,
+                                                  positive=positive)
+        global_memory = emulated.unpool_relu_deconv2d_variant(grad, switches, weight, *args, rule, positive, 4, False,
+                                                              -1)
+        for chunk in (0, 2):
+            staged = emulated.unpool_relu_deconv2d_variant(grad, switches, weight, *args, rule, positive, 4, False,
+                                                           chunk)
+            assert_bitwise_equal(staged, global_memory, f"rule={rule}, out_channels_per_chunk={chunk}")
+        tolerance = {torch.float16: 2e-2, torch.bfloat16: 1e-1}.get(dtype, 1e-5)
+        torch.testing.assert_close(global_memory.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+STAGED_BUDGET = 24 * 1024  # elements.cuh: kStagedFilterBytes
+
+
+def test_launch_choice(emulated):
+    """Which kernel a shape gets (choose_fused_launch): the staged kernel with the fewest chunks that
+    fit the budget; fewer channels per thread where a chunk of 8 does not fit; the global-memory
+    kernel with one channel per thread for 64-bit indices and for filters too large to stage."""
+    launch = emulated.fused_launch
+    # VGG16's block 5 at batch 64 (512 -> 512 channels, 3 x 3, 14 x 14): 8 channels per thread
+    for element_size, chunk in ((4, 74), (2, 128), (8, 40)):
+        channels, out_channels_per_chunk = launch(64, 1, 512, 512, 9, element_size, 14, 14, True)
+        assert (channels, out_channels_per_chunk) == (8, chunk)
+        assert out_channels_per_chunk * channels * 9 * element_size <= STAGED_BUDGET
+        fits = STAGED_BUDGET // (channels * 9 * element_size)
+        assert -(-512 // out_channels_per_chunk) == -(-512 // fits)  # as few chunks as the budget allows
+    assert launch(64, 1, 512, 512, 9, 4, 14, 14, False) == [1, 0]         # 64-bit indices: global memory
+    assert launch(64, 1, 512, 512, 32 * 32, 4, 14, 14, True) == [4, 1]    # 8 x 32 x 32 floats: 32 KiB
+    assert launch(64, 1, 512, 512, 64 * 64, 4, 14, 14, True) == [1, 1]    # 16 KiB a channel
+    assert launch(64, 1, 512, 512, 64 * 64, 8, 14, 14, True) == [1, 0]    # 32 KiB: global memory
+    assert launch(1, 1, 3, 4, 9, 4, 5, 5, True) == [1, 4]                 # a small call: 1 channel, one chunk
+
+
+def test_filters_too_large_to_stage(emulated):
+    """A 57 x 57 float64 filter (25 KiB per output and input channel) is read from global memory
+    (the default launch) and gives the same bits as the staged kernel forced to chunks of one."""
+    gen = torch.Generator().manual_seed(3)
+    grad = torch.randn(2, 3, 2, 2, generator=gen, dtype=torch.float64)
+    pre_pool = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64)
+    weight = torch.randn(3, 2, 57, 57, generator=gen, dtype=torch.float64)
+    _, switches = reference.max_pool2d_switches(pre_pool, (2, 2), (2, 2))
+    args = ((4, 4), (2, 2), (2, 2), (0, 0), (1, 1), (1, 1), (28, 28), (1, 1), 1, (4, 4))
+    assert emulated.fused_launch(2, 1, 2, 3, 57 * 57, 8, 4, 4, True) == [1, 0]
+    result = emulated.unpool_relu_deconv2d(grad, switches, weight, *args)
+    torch.testing.assert_close(result, reference.unpool_relu_deconv2d(grad, switches, weight, *args))
+    staged = emulated.unpool_relu_deconv2d_variant(grad, switches, weight, *args, "deconvnet", None, 1, False, 1)
+    assert_bitwise_equal(staged, result, "staged in chunks of one output channel")
+
+
+def test_staged_kernel_needs_32_bit_indices(emulated):
+    case = FUSED_CASES[0]
+    _, grad, weight, pool_input = fused_inputs(case, torch.float32, "cpu", "launch_variants")
+    switches = torch.zeros(grad.shape, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="unpool_relu_deconv2d_variant: the staged kernel has 32-bit indices"):
+        emulated.unpool_relu_deconv2d_variant(grad, switches, weight, *fused_args(case, pool_input), "deconvnet", None,
+                                              1, True, 2)
+
+
+# --------------------------------------------------------------------------------------------- #
+# On a GPU: the kernels against their emulation, bit for bit
+# --------------------------------------------------------------------------------------------- #
+
+NEEDS_CUDA = pytest.mark.skipif(not CUDA_AVAILABLE,
+                                reason="CUDA not available: the CUDA kernels are compiled but not run here")
+
+
+def _assert_device_matches_emulation(emulated, grad, switches, weight, args, msg):
+    """ops.unpool_relu_deconv2d on the GPU against the emulation on the CPU, every rule: the same
+    bits (the emulation runs the kernels' own element code, with the same explicit fma)."""
+    from deconvcuda import ops
+
+    for rule, positive in (("deconvnet", None), ("guided", grad > 0), ("gradient", grad > 0)):
+        expected = emulated.unpool_relu_deconv2d(grad, switches, weight, *args, rule=rule, positive=positive)
+        on_device = ops.unpool_relu_deconv2d(grad.cuda(), switches.cuda(), weight.cuda(), *args, rule=rule,
+                                             positive=None if positive is None else positive.cuda())
+        assert_bitwise_equal(on_device.cpu(), expected, f"{msg}, rule={rule}")
+
+
+@pytest.mark.cuda
+@NEEDS_CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("case", LAUNCH_CASES, ids=_ids(LAUNCH_CASES))
+def test_device_matches_its_emulation(emulated, dtype, case):
+    from deconvcuda import ops
+
+    pre_pool, grad, weight, pool_input = fused_inputs(case, dtype, "cpu", "device_vs_emulation")
+    switches = emulated.max_pool2d_switches(pre_pool, *case.pool.args(), case.pool.ceil_mode)[1]
+    device_switches = ops.max_pool2d_switches(pre_pool.cuda(), *case.pool.args(), ceil_mode=case.pool.ceil_mode)[1]
+    assert_bitwise_equal(device_switches.cpu(), switches, "max_pool2d_switches")
+    _assert_device_matches_emulation(emulated, grad, switches, weight, fused_args(case, pool_input), case.name)
+    unpooled = ops.unpool_relu(grad.cuda(), switches.cuda(), pool_input, *case.pool.args())
+    assert_bitwise_equal(unpooled.cpu(), emulated.unpool_relu(grad, switches, pool_input, *case.pool.args()),
+                         "unpool_relu")
+
+
+def _multi_chunk_inputs(kernel, out_channels, seed):
+    """float64, a 2 x 2 pool over 8 x 8, 3 input channels: an 11 x 11 filter stages 22 output
+    channels a chunk (968 bytes each), so 64 of them take three chunks; a 57 x 57 one does not fit."""
+    gen = torch.Generator().manual_seed(seed)
+    grad = torch.randn(2, out_channels, 4, 4, generator=gen, dtype=torch.float64)
+    pre_pool = torch.randn(2, out_channels, 8, 8, generator=gen, dtype=torch.float64)
+    weight = torch.randn(out_channels, 3, kernel, kernel, generator=gen, dtype=torch.float64)
+    _, switches = reference.max_pool2d_switches(pre_pool, (2, 2), (2, 2))
+    pad = kernel // 2
+    args = ((8, 8), (2, 2), (2, 2), (0, 0), (1, 1), (1, 1), (pad, pad), (1, 1), 1, (8, 8))
+    return grad, switches, weight, args
+
+
+def test_multi_chunk_launch(emulated):
+    assert emulated.fused_launch(2, 1, 3, 64, 11 * 11, 8, 8, 8, True) == [1, 22]
+    assert emulated.fused_launch(2, 1, 3, 4, 57 * 57, 8, 8, 8, True) == [1, 0]
+    grad, switches, weight, args = _multi_chunk_inputs(11, 64, 5)
+    torch.testing.assert_close(emulated.unpool_relu_deconv2d(grad, switches, weight, *args),
+                               reference.unpool_relu_deconv2d(grad, switches, weight, *args))
+
+
+@pytest.mark.cuda
+@NEEDS_CUDA
+@pytest.mark.parametrize("kernel, out_channels", [(11, 64), (57, 4)], ids=["three_chunks", "global_memory"])
+def test_device_staged_chunks_match_emulation(emulated, kernel, out_channels):
+    """The staged kernel over several chunks (barriers between them), and the global-memory kernel
+    where a filter is too large to stage, on the GPU: the emulation's bits."""
+    grad, switches, weight, args = _multi_chunk_inputs(kernel, out_channels, 6)
+    _assert_device_matches_emulation(emulated, grad, switches, weight, args, f"{kernel} x {kernel} filters")
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -8,8 +8,9 @@
 // Every kernel is a gather: one thread owns its output elements and writes each exactly once, so
 // there are no atomics and results repeat bit for bit. Accumulation is in at::opmath_type<scalar_t>
 // (float for half and bfloat16). The work one thread does for one output element is a
-// __host__ __device__ function in elements.cuh, so the kernels' exact arithmetic can also be run,
-// and checked, on a machine without a GPU (tests/test_cuda_emulation.py).
+// __host__ __device__ function in elements.cuh (for the fused op's staged kernel: its steps, and
+// the staging of its shared memory), so the kernels' exact arithmetic can also be run, and
+// checked, on a machine without a GPU (tests/test_cuda_emulation.py).
 //
 // Only c10's CUDA headers are included, not ATen/cuda/CUDAContext.h: that one pulls in the cuBLAS,
 // cuSPARSE and cuSOLVER headers, which a CUDA toolkit with just nvcc and the runtime lacks (the
@@ -38,7 +39,7 @@ using cuda_elements::FusedShape;
 using geometry::Conv2d;
 using geometry::Pool2d;
 
-constexpr int kThreadsPerBlock = 256;
+using cuda_elements::kThreadsPerBlock;
 
 // Enough blocks to fill the current GPU a few times over; the kernels' grid-stride loops cover the
 // rest. (A device attribute query is a cheap driver call that does not synchronize.)
@@ -193,6 +194,10 @@ at::Tensor deconv2d_cuda(const at::Tensor& input, const at::Tensor& weight, at::
 // unpool_relu_deconv2d: the fused sparse gather (its work and cost are laid out in elements.cuh)
 // --------------------------------------------------------------------------------------------- //
 
+// The global-memory kernel: each thread walks whole work items of [N, groups, channel_tiles, out_h,
+// out_w] and reads its taps from the weight in global memory. The fallback of the staged kernel
+// below, with one channel per thread: for 64-bit indices (tensors past 2^31 elements) and for
+// filters so large that not one output channel's taps fit kStagedFilterBytes (choose_fused_launch).
 template <typename Rule, int kChannels, typename index_t, typename scalar_t>
 __global__ void unpool_relu_deconv2d_kernel(int64_t total, const scalar_t* __restrict__ grad,
                                             const bool* __restrict__ positive, const uint8_t* __restrict__ switches,
@@ -201,6 +206,83 @@ __global__ void unpool_relu_deconv2d_kernel(int64_t total, const scalar_t* __res
   for (int64_t index = first_work_item(); index < total; index += work_item_stride()) {
     cuda_elements::unpool_relu_deconv2d_element<Rule, kChannels, index_t>(index, grad, positive, switches, weight,
                                                                          output, shape, pool, conv);
+  }
+}
+
+// The staged kernel (32-bit indices). Work mapping:
+//   blockIdx.x            one (group, channel tile) slice: every thread of the block reads the same
+//                         filter taps, which the block stages in shared memory (elements.cuh).
+//   blockIdx.y, threadIdx  a run of blockDim.x consecutive items of the slice's [N, out_h, out_w];
+//                         block rows past gridDim.y are walked in a loop (gridDim.y <= 65535).
+// Blocks are numbered x first, so the slices' blocks for the same run of pixels are launched
+// together and read the same grad and switch planes (all of the group's co, at those pixels) while
+// they are in L2: grad should come from memory about once, not once per channel tile (the order
+// blocks start in is the hardware's, in practice this one).
+//
+// What a warp reads, for one co and one step of the walk over windows: its 32 threads are 32
+// consecutive x of one output row (or the end of one row and the start of the next), so with a
+// stride-1 conv their windows are consecutive or equal pooled columns of one or two pooled rows:
+// the switch reads (1 byte each) fall in one or two 32-byte sectors, the grad reads likewise in one
+// to four. The taps come from shared memory: for one channel t they lie among the kh * kw
+// consecutive elements of filter (co, t), so where those span at most 128 bytes (3x3 and 5x5 in
+// float32) a warp's read is one wavefront, equal taps broadcast; a 7x7 or 11x11 filter can make it 2-
+// or 4-way. Its stores are 32 consecutive x of each of its channels' output rows: coalesced.
+//
+// Barriers: every thread of the block runs every iteration of both loops (their bounds depend only
+// on blockIdx, gridDim, the shape and the chunk size), so every thread reaches every __syncthreads;
+// threads whose item is past the slice's end help stage and skip only the walk and the store.
+// tests/cuda_emulation.cpp runs this kernel's blocks on the host with the same helpers.
+template <typename Rule, int kChannels, typename scalar_t>
+__global__ void unpool_relu_deconv2d_staged_kernel(int64_t batch, const scalar_t* __restrict__ grad,
+                                                   const bool* __restrict__ positive,
+                                                   const uint8_t* __restrict__ switches,
+                                                   const scalar_t* __restrict__ weight, scalar_t* __restrict__ output,
+                                                   FusedShape shape, Pool2d pool, Conv2d conv,
+                                                   int32_t out_channels_per_chunk) {
+  using index_t = int32_t;
+  using acc_t = at::opmath_type<scalar_t>;
+  // One untyped buffer for every instance: extern __shared__ arrays of different element types in
+  // the instances of one template would be conflicting declarations of the same symbol.
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  scalar_t* staged = reinterpret_cast<scalar_t*>(shared_bytes);
+
+  const cuda_elements::StagedSlice<index_t> slice =
+      cuda_elements::staged_slice<kChannels, index_t>(static_cast<index_t>(blockIdx.x), shape);
+  const index_t in_per_group = static_cast<index_t>(shape.in_channels_per_group);
+  const index_t taps_per_filter = static_cast<index_t>(conv.kernel_h * conv.kernel_w);
+  // Items of the slice: N * out_h * out_w, below 2^31 as the output has at least as many elements.
+  const int64_t items = batch * shape.out_h * shape.out_w;
+  const int64_t item_blocks = geometry::ceil_div(items, int64_t(blockDim.x));
+
+  for (int64_t block = blockIdx.y; block < item_blocks; block += gridDim.y) {
+    const int64_t item_index = block * blockDim.x + threadIdx.x;
+    const bool active = item_index < items;
+    cuda_elements::FusedWorkItem<index_t> item{};
+    if (active) {
+      item = cuda_elements::staged_work_item<kChannels, index_t>(slice, static_cast<index_t>(item_index), shape,
+                                                                 pool, conv);
+    }
+    acc_t acc[kChannels];
+    for (int t = 0; t < kChannels; ++t) acc[t] = acc_t(0);
+
+    for (index_t co_begin = slice.first_out_channel; co_begin < slice.end_out_channel;) {
+      const index_t co_end = cuda_elements::staged_chunk_end(slice, co_begin, out_channels_per_chunk);
+      __syncthreads();  // every thread is done reading the previous chunk
+      const index_t count = cuda_elements::staged_taps(co_end - co_begin, slice.channels, taps_per_filter);
+      for (index_t i = static_cast<index_t>(threadIdx.x); i < count; i += static_cast<index_t>(blockDim.x)) {
+        cuda_elements::stage_filter_tap<kChannels>(i, staged, weight, co_begin, slice.first_channel, slice.channels,
+                                                   in_per_group, taps_per_filter);
+      }
+      __syncthreads();  // the chunk is staged
+      if (active) {
+        cuda_elements::accumulate_fused<Rule, kChannels, index_t, scalar_t>(
+            item, co_begin, co_end, grad, positive, switches,
+            cuda_elements::staged_filter_slice<kChannels, index_t, scalar_t>(staged, co_begin, taps_per_filter),
+            shape, pool, conv, acc);
+      }
+      co_begin = co_end;
+    }
+    if (active) cuda_elements::store_fused<kChannels, index_t, scalar_t>(item, acc, output, shape);
   }
 }
 
@@ -215,6 +297,9 @@ int64_t resident_threads() {
   return int64_t(multiprocessors) * threads_per_multiprocessor;
 }
 
+// The most blocks along a grid's y axis.
+constexpr int64_t kMaxGridY = 65535;
+
 at::Tensor unpool_relu_deconv2d_cuda(const at::Tensor& grad, const at::Tensor& switches, const at::Tensor& weight,
                                      at::IntArrayRef input_size, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation, at::IntArrayRef conv_stride,
@@ -228,16 +313,17 @@ at::Tensor unpool_relu_deconv2d_cuda(const at::Tensor& grad, const at::Tensor& s
 
   const int64_t batch = grad.size(0);
   const int64_t in_channels = weight.size(1) * groups;
-  // 32-bit indices where every tensor allows them; the 64-bit path (tensors past 2^31 elements,
-  // rare) keeps one channel per thread, so that it adds one kernel instance, not three.
-  const bool small = cuda_elements::fits_int32(
+  const int64_t taps_per_filter = weight.size(2) * weight.size(3);
+  // 32-bit indices where every tensor allows them; channels per thread and where the taps are read
+  // from (elements.cuh: choose_fused_launch).
+  const bool index32 = cuda_elements::fits_int32(
       {grad.numel(), weight.numel(), batch * in_channels * output_size[0] * output_size[1]});
-  const FusedShape shape = FusedShape::of(
-      weight.size(0), weight.size(1), groups, grad.size(2), grad.size(3), input_size[0], input_size[1],
-      output_size[0], output_size[1],
-      small ? cuda_elements::choose_channels_per_thread(batch, groups, weight.size(1), output_size[0],
-                                                        output_size[1], resident_threads())
-            : 1);
+  const cuda_elements::FusedLaunch plan = cuda_elements::choose_fused_launch(
+      batch, groups, weight.size(1), weight.size(0), taps_per_filter, weight.element_size(), output_size[0],
+      output_size[1], index32, resident_threads());
+  const FusedShape shape =
+      FusedShape::of(weight.size(0), weight.size(1), groups, grad.size(2), grad.size(3), input_size[0],
+                     input_size[1], output_size[0], output_size[1], plan.channels_per_thread);
   at::Tensor output = at::empty({batch, in_channels, shape.out_h, shape.out_w}, grad.options());
   if (output.numel() == 0) {
     return output;
@@ -251,24 +337,36 @@ at::Tensor unpool_relu_deconv2d_cuda(const at::Tensor& grad, const at::Tensor& s
   const at::Tensor switches_nchw = switches.contiguous();
   const at::Tensor weight_oihw = weight.contiguous();
   const checks::Mask mask(positive);
-  const int64_t total = shape.work_items(batch);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "unpool_relu_deconv2d_cuda", [&] {
     rules::dispatch_rule(fused.rule, mask.present(), [&](auto rule_type) {
-      const auto launch = [&](auto channels, auto index_type) {
-        unpool_relu_deconv2d_kernel<decltype(rule_type), decltype(channels)::value, decltype(index_type), scalar_t>
-            <<<blocks_for(total), kThreadsPerBlock, 0, stream>>>(
-                total, grad_nchw.const_data_ptr<scalar_t>(), mask.data(), switches_nchw.const_data_ptr<uint8_t>(),
-                weight_oihw.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), shape, fused.pool,
-                fused.conv);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if (small) {
-        cuda_elements::with_channels_per_thread(shape.channels_per_thread,
-                                                [&](auto channels) { launch(channels, int32_t{}); });
-      } else {
-        launch(std::integral_constant<int, 1>(), int64_t{});
+      using Rule = decltype(rule_type);
+      if (plan.out_channels_per_chunk == 0) {
+        with_index_type(index32, [&](auto index_type) {
+          const int64_t total = shape.work_items(batch);
+          unpool_relu_deconv2d_kernel<Rule, 1, decltype(index_type), scalar_t>
+              <<<blocks_for(total), kThreadsPerBlock, 0, stream>>>(
+                  total, grad_nchw.const_data_ptr<scalar_t>(), mask.data(), switches_nchw.const_data_ptr<uint8_t>(),
+                  weight_oihw.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), shape, fused.pool,
+                  fused.conv);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+        return;
       }
+      cuda_elements::with_channels_per_thread(plan.channels_per_thread, [&](auto channels) {
+        constexpr int kChannels = decltype(channels)::value;
+        const int64_t item_blocks = geometry::ceil_div(batch * shape.out_h * shape.out_w, kThreadsPerBlock);
+        const dim3 grid(static_cast<unsigned>(groups * shape.channel_tiles),
+                        static_cast<unsigned>(std::min(item_blocks, kMaxGridY)));
+        const size_t staged_bytes =
+            size_t(plan.out_channels_per_chunk) * kChannels * taps_per_filter * sizeof(scalar_t);
+        unpool_relu_deconv2d_staged_kernel<Rule, kChannels, scalar_t>
+            <<<grid, kThreadsPerBlock, staged_bytes, stream>>>(
+                batch, grad_nchw.const_data_ptr<scalar_t>(), mask.data(), switches_nchw.const_data_ptr<uint8_t>(),
+                weight_oihw.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), shape, fused.pool,
+                fused.conv, static_cast<int32_t>(plan.out_channels_per_chunk));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return output;
