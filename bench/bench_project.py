@@ -109,6 +109,10 @@ class AutogradDeconvNet:
         """``channel``: each image's strongest activation of that map (first maximum, row-major);
         ``neurons`` [P, 4] (image, channel, y, x): one forward row per projection."""
         x = images if neurons is None else images.index_select(0, neurons[:, 0])
+        if x.device.type == "cpu":
+            # channels-last, as deconvcuda's own forward on the CPU: oneDNN is faster on it, and the
+            # same layout rounds the same, so near-ties in the max pools pick the same switches
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             out = self.forward(x)
