@@ -94,11 +94,14 @@ class Windows:
         # On the CPU only the strips outside the map, window by window: most windows lie inside it,
         # and the others leave it by a few rows or columns.
         for p, (y0, y1, x0, x1) in enumerate(self._inside_bounds(size)):
-            if (y0, y1, x0, x1) != (0, self.height, 0, self.width):
-                window = g[p]
+            window = g[p]
+            if y0 > 0:
                 window[:, :y0].zero_()
+            if y1 < self.height:
                 window[:, y1:].zero_()
+            if x0 > 0:
                 window[:, y0:y1, :x0].zero_()
+            if x1 < self.width:
                 window[:, y0:y1, x1:].zero_()
         return g
 
