@@ -11,29 +11,40 @@
 // AlexNet's conv1 in one masked 16-lane vector, where a block of its 3 input channels would fill 3
 // of 4 lanes), masked to the taps inside the plane. A row segment is loaded once per position, gets
 // the position's values (about five at AlexNet's pool1) and is stored once; several segments go
-// together, so that their FMA chains run side by side: up to 8 rows where a row fits one vector
-// (add_short_rows, the common case), else kSegments (ky, k) pieces of longer rows.
+// together, so that their FMA chains run side by side: up to 8 rows where a row fits one or two
+// vectors (add_short_rows, the common case), else kSegments (ky, k) pieces of longer rows.
 //
 // Positions of one row are visited in `phases` passes (x = phase, phase + phases, ...), so that
 // two positions visited one after the other write disjoint segments: a load that overlaps a store
 // still in flight waits for it. One task owns the plane and adds in a fixed order, so the bits do
 // not depend on the number of threads.
-// R filter rows of one position, each inside one vector (`lanes`): the rows' outputs are loaded
-// once, get every value routed to the position, and are stored once. R accumulators in registers:
-// R independent FMA chains.
-template <int R, typename Lanes>
+// R filter rows of one position, each inside V vectors (the last one masked to `last_lanes`): the
+// rows' outputs are loaded once, get every value routed to the position, and are stored once. R * V
+// accumulators in registers: independent FMA chains.
+template <int R, int V, typename Lanes>
 inline void add_short_rows(const RoutedValue<typename Lanes::value_t>* first,
                            const RoutedValue<typename Lanes::value_t>* last, const typename Lanes::value_t* weight,
                            int64_t filter_size, int64_t kernel_w, typename Lanes::value_t* out, int64_t out_step,
-                           typename Lanes::mask_t lanes) {
-  typename Lanes::vec_t acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = Lanes::load_first(out + r * out_step, lanes);
-  for (const RoutedValue<typename Lanes::value_t>* v = first; v != last; ++v) {
-    const typename Lanes::value_t* rows = weight + int64_t(v->channel) * filter_size;
-    const typename Lanes::vec_t value = Lanes::broadcast(v->value);
-    for (int r = 0; r < R; ++r) acc[r] = Lanes::fma(Lanes::load_first(rows + r * kernel_w, lanes), value, acc[r]);
+                           typename Lanes::mask_t last_lanes) {
+  using vec_t = typename Lanes::vec_t;
+  const typename Lanes::mask_t all_lanes = Lanes::first(Lanes::width);
+  const auto lanes = [&](int v) { return v == V - 1 ? last_lanes : all_lanes; };
+  vec_t acc[R][V];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) acc[r][v] = Lanes::load_first(out + r * out_step + v * Lanes::width, lanes(v));
   }
-  for (int r = 0; r < R; ++r) Lanes::store_first(out + r * out_step, acc[r], lanes);
+  for (const RoutedValue<typename Lanes::value_t>* routed = first; routed != last; ++routed) {
+    const typename Lanes::value_t* rows = weight + int64_t(routed->channel) * filter_size;
+    const vec_t value = Lanes::broadcast(routed->value);
+    for (int r = 0; r < R; ++r) {
+      for (int v = 0; v < V; ++v) {
+        acc[r][v] = Lanes::fma(Lanes::load_first(rows + r * kernel_w + v * Lanes::width, lanes(v)), value, acc[r][v]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) Lanes::store_first(out + r * out_step + v * Lanes::width, acc[r][v], lanes(v));
+  }
 }
 
 template <typename Lanes>
@@ -55,23 +66,33 @@ void scatter_plane(const ScatterArgs<typename Lanes::value_t>& a, typename Lanes
         const geometry::TapRange cols = a.col_taps[x];
         if (first == last || cols.first >= cols.end) continue;
         const int64_t length = cols.end - cols.first;  // the taps of a filter row inside the plane
-        if (length <= Lanes::width) {  // a row in one vector (AlexNet's conv1: 11 taps); 8, 4, 2, 1 rows at a time
-          const mask_t lanes = Lanes::first(length);
+        if (length <= 2 * Lanes::width) {
+          // The common case, a row in one or two vectors (AlexNet's conv1: 11 taps, one AVX-512 or
+          // two AVX2 vectors): 8, 4, 2, 1 rows at a time (4, 2, 1 of two vectors).
           const int64_t out_step = a.dilation_h * a.output_w;
           int64_t ky = rows.first;
           acc_t* out = plane + (y * a.stride_h - a.padding_h + ky * a.dilation_h) * a.output_w + x * a.stride_w -
                        a.padding_w + cols.first;
-          const auto add = [&](auto rows_at_once) {
-            constexpr int R = decltype(rows_at_once)::value;
-            add_short_rows<R, Lanes>(first, last, a.weight + ky * a.kernel_w + cols.first, filter_size, a.kernel_w,
-                                     out, out_step, lanes);
+          const auto add = [&](auto rows_at_once, auto vectors) {
+            constexpr int R = decltype(rows_at_once)::value, V = decltype(vectors)::value;
+            add_short_rows<R, V, Lanes>(first, last, a.weight + ky * a.kernel_w + cols.first, filter_size,
+                                        a.kernel_w, out, out_step, Lanes::first(length - (V - 1) * Lanes::width));
             ky += R;
             out += R * out_step;
           };
-          while (rows.end - ky >= 8) add(std::integral_constant<int, 8>());
-          if (rows.end - ky >= 4) add(std::integral_constant<int, 4>());
-          if (rows.end - ky >= 2) add(std::integral_constant<int, 2>());
-          if (rows.end - ky >= 1) add(std::integral_constant<int, 1>());
+          const auto add_rows = [&](auto vectors) {
+            if constexpr (decltype(vectors)::value == 1) {
+              while (rows.end - ky >= 8) add(std::integral_constant<int, 8>(), vectors);
+            }
+            while (rows.end - ky >= 4) add(std::integral_constant<int, 4>(), vectors);
+            if (rows.end - ky >= 2) add(std::integral_constant<int, 2>(), vectors);
+            if (rows.end - ky >= 1) add(std::integral_constant<int, 1>(), vectors);
+          };
+          if (length <= Lanes::width) {
+            add_rows(std::integral_constant<int, 1>());
+          } else {
+            add_rows(std::integral_constant<int, 2>());
+          }
           continue;
         }
         // The segments, (ky, k) for ky in rows and k = 0, width, ... < length, kSegments at a time;
