@@ -271,6 +271,12 @@ FIXED_POOL_CASES = [
     PoolCase("16x16_limit", 1, 2, (20, 17), Pool((16, 16), (4, 3), (8, 8))),
     PoolCase("1x1", 1, 2, (4, 5), Pool((1, 1), (1, 1))),
     PoolCase("nan_everywhere", 1, 2, (9, 9), ALEXNET_POOL, nan_fraction=0.5),
+    # the CPU kernel's loops: long NCHW rows by the row loop (strides 2, 1 and 3), short rows with many
+    # channels pooled channels-last
+    PoolCase("long_rows", 1, 3, (5, 90), ALEXNET_POOL, nan_fraction=0.05),
+    PoolCase("long_rows_stride1_pad1", 1, 2, (4, 70), Pool((3, 3), (1, 1), (1, 1)), integers=True),
+    PoolCase("long_rows_stride3_ceil", 1, 2, (6, 100), Pool((2, 2), (3, 3), ceil_mode=True)),
+    PoolCase("short_rows_many_channels", 2, 20, (13, 13), ALEXNET_POOL, integers=True),
 ]
 FIXED_DECONV_CASES = [
     DeconvCase("alexnet_conv1_11x11s4", 1, 3, 4, (35, 35), Conv((11, 11), (4, 4), (2, 2))),

@@ -564,6 +564,11 @@ std::vector<geometry::TapRange> taps_inside_table(int64_t windows, int64_t size,
   return table;
 }
 
+// NCHW inputs whose output rows are shorter than kShortRow are pooled channels-last where they
+// have at least kChannelsToFill channels (max_pool2d_switches_cpu).
+constexpr int64_t kShortRow = 32;
+constexpr int64_t kChannelsToFill = 16;
+
 template <typename scalar_t>
 void max_pool2d_switches_kernel(const scalar_t* input, scalar_t* output, uint8_t* switches, int64_t planes,
                                 int64_t input_h, int64_t input_w, int64_t output_h, int64_t output_w,
@@ -945,8 +950,12 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_switches_cpu(const at::Tensor& inp
   const int64_t output_w = geometry::pool_output_size(input.size(3), pool.kernel_w, pool.stride_w, pool.padding_w,
                                                       pool.dilation_w, ceil_mode);
   // the input's memory format for the outputs, as PyTorch's max_pool2d
+  // Outputs in the input's memory format, as PyTorch's max_pool2d. Short NCHW rows leave the row
+  // loop's vectors mostly empty (6 outputs a row at AlexNet's pool5): with channels enough to fill
+  // them, such an input is pooled channels-last through a transposed copy (4x faster there).
   const bool channels_last = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const bool pool_channels_last = channels_last || (output_w < kShortRow && input.size(1) >= kChannelsToFill);
+  const auto format = pool_channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor output =
       at::empty({input.size(0), input.size(1), output_h, output_w}, input.options().memory_format(format));
   at::Tensor switches = at::empty_like(output, output.options().dtype(at::kByte));
@@ -955,7 +964,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_switches_cpu(const at::Tensor& inp
   }
   const at::Tensor input_contiguous = input.contiguous(format);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "max_pool2d_switches", [&] {
-    if (channels_last) {
+    if (pool_channels_last) {
       max_pool2d_switches_channels_last_kernel<scalar_t>(
           input_contiguous.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
           switches.mutable_data_ptr<uint8_t>(), input.size(0), input.size(1), input.size(2), input.size(3), output_h,
@@ -967,6 +976,9 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_switches_cpu(const at::Tensor& inp
                                            output_w, pool);
     }
   });
+  if (pool_channels_last && !channels_last) {
+    return {output.contiguous(), switches.contiguous()};
+  }
   return {output, switches};
 }
 
