@@ -566,7 +566,7 @@ std::vector<geometry::TapRange> taps_inside_table(int64_t windows, int64_t size,
 
 // NCHW inputs whose output rows are shorter than kShortRow are pooled channels-last where they
 // have at least kChannelsToFill channels (max_pool2d_switches_cpu).
-constexpr int64_t kShortRow = 32;
+constexpr int64_t kShortRow = 16;
 constexpr int64_t kChannelsToFill = 16;
 
 template <typename scalar_t>
