@@ -607,6 +607,30 @@ def test_deterministic(device, dtype):
         assert_bitwise_equal(second[name], first[name], f"{name}, {dtype}")
 
 
+@pytest.mark.parametrize("case", [
+    # one image: pass 2 splits its channels among the threads; four: it goes image by image
+    FusedCase("one_image", 1, 16, 32, (57, 57), Conv((3, 3), (1, 1), (1, 1)), ALEXNET_POOL),
+    FusedCase("four_images", 4, 16, 32, (29, 29), Conv((3, 3), (1, 1), (1, 1)), VGG_POOL),
+    FusedCase("first_layer", 2, 3, 16, (67, 67), Conv((11, 11), (4, 4), (2, 2)), ALEXNET_POOL),
+], ids=lambda case: case.name)
+def test_cpu_bits_do_not_depend_on_the_thread_count(device, case):
+    """Each output element is added up by one task in a fixed order, whatever the number of threads."""
+    if device != "cpu":
+        pytest.skip("threads are the CPU's")
+    pre_pool, grad, weight, pool_input = fused_inputs(case, torch.float32, device, "threads")
+    out, switches = ops.max_pool2d_switches(pre_pool, *case.pool.args())
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(ops.unpool_relu_deconv2d(grad, switches, weight, *fused_args(case, pool_input)))
+    finally:
+        torch.set_num_threads(before)
+    for threads, result in zip((2, 3), results[1:]):
+        assert_bitwise_equal(result, results[0], f"unpool_relu_deconv2d on {threads} threads vs 1, {case.name}")
+
+
 EMPTY_SHAPES = {"batch0": (0, 3), "channels0": (2, 0), "both0": (0, 0)}
 
 

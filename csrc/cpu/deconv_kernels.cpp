@@ -683,6 +683,56 @@ struct FusedShape {
 // to about 40 bytes each.
 constexpr int64_t kValuesPerChunk = int64_t(1) << 20;
 
+// Pass 2 for one (sample, group): the values of its `channels` lists regrouped by position, a
+// counting sort stable in c_out (for every unpooled position, offsets[position] .. offsets[position
+// + 1] of `routed` hold the (c_out, value) pairs routed there, in increasing c_out). The channels
+// are split into `parts` consecutive ranges, counted and placed by parallel tasks (1: by the calling
+// thread); a range's values at a position follow those of the ranges before it, so the result is
+// the same for any `parts`. `part_cursors`: parts * unpooled_area scratch.
+template <typename acc_t>
+void regroup_by_position(const UnpooledValue<acc_t>* lists, const int64_t* list_length, int64_t channels,
+                         int64_t pooled_area, int64_t unpooled_area, int64_t parts, int64_t* part_cursors,
+                         int64_t* offsets, RoutedValue<acc_t>* routed) {
+  const auto for_each_part = [&](auto&& f) {
+    if (parts == 1) {
+      f(0);
+    } else {
+      at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t part = begin; part < end; ++part) f(part);
+      });
+    }
+  };
+  const auto first_channel = [&](int64_t part) { return part * channels / parts; };
+  for_each_part([&](int64_t part) {  // values per position, per part
+    int64_t* count = part_cursors + part * unpooled_area;
+    std::fill(count, count + unpooled_area, 0);
+    for (int64_t channel = first_channel(part); channel < first_channel(part + 1); ++channel) {
+      const UnpooledValue<acc_t>* list = lists + channel * pooled_area;
+      for (int64_t i = 0; i < list_length[channel]; ++i) ++count[list[i].position];
+    }
+  });
+  int64_t total = 0;  // the counts become each part's first slot at each position
+  for (int64_t position = 0; position < unpooled_area; ++position) {
+    offsets[position] = total;
+    for (int64_t part = 0; part < parts; ++part) {
+      int64_t& cursor = part_cursors[part * unpooled_area + position];
+      const int64_t count = cursor;
+      cursor = total;
+      total += count;
+    }
+  }
+  offsets[unpooled_area] = total;
+  for_each_part([&](int64_t part) {
+    int64_t* cursor = part_cursors + part * unpooled_area;
+    for (int64_t channel = first_channel(part); channel < first_channel(part + 1); ++channel) {
+      const UnpooledValue<acc_t>* list = lists + channel * pooled_area;
+      for (int64_t i = 0; i < list_length[channel]; ++i) {
+        routed[cursor[list[i].position]++] = RoutedValue<acc_t>{static_cast<int32_t>(channel), list[i].value};
+      }
+    }
+  });
+}
+
 // Passes 1 and 2 over chunks of samples, and pass 3 (`pass3`, GatherPass or ScatterPass) on each
 // chunk's compressed rows.
 template <typename Rule, typename scalar_t, typename Pass3>
@@ -706,34 +756,28 @@ void unpool_relu_deconv2d_kernel(const scalar_t* grad, const bool* positive, con
     collect_chunk<Rule>(grad, positive, switches, n0, samples, shape.conv_out_channels, shape.pooled_h,
                         shape.pooled_w, shape.unpooled_h, shape.unpooled_w, pool, values.get(), counts.get());
 
-    // Pass 2: per (sample, group), the values regrouped by position (a counting sort, stable in c_out).
+    // Pass 2: per (sample, group), the values regrouped by position.
     const int64_t work_per_group = out_per_group * pooled_area + unpooled_area;
-    const int64_t* list_length = counts.get();
-    at::parallel_for(0, samples * shape.groups, grain_for(work_per_group), [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> cursor(unpooled_area);
-      for (int64_t sample_group = begin; sample_group < end; ++sample_group) {
-        const int64_t first_plane = sample_group * out_per_group;  // = sample * C_out + group * out_per_group
-        int64_t* position_offsets = offsets.get() + sample_group * (unpooled_area + 1);
-        std::fill(position_offsets, position_offsets + unpooled_area + 1, 0);
-        for (int64_t channel = 0; channel < out_per_group; ++channel) {
-          const UnpooledValue<acc_t>* list = values.get() + (first_plane + channel) * pooled_area;
-          for (int64_t i = 0; i < list_length[first_plane + channel]; ++i) {
-            ++position_offsets[list[i].position + 1];
-          }
-        }
-        for (int64_t position = 0; position < unpooled_area; ++position) {
-          position_offsets[position + 1] += position_offsets[position];
-        }
-        std::copy(position_offsets, position_offsets + unpooled_area, cursor.begin());
-        RoutedValue<acc_t>* group_routed = routed.get() + first_plane * pooled_area;
-        for (int64_t channel = 0; channel < out_per_group; ++channel) {
-          const UnpooledValue<acc_t>* list = values.get() + (first_plane + channel) * pooled_area;
-          for (int64_t i = 0; i < list_length[first_plane + channel]; ++i) {
-            group_routed[cursor[list[i].position]++] = RoutedValue<acc_t>{static_cast<int32_t>(channel), list[i].value};
-          }
-        }
+    const int64_t threads = at::get_num_threads();
+    const auto regroup = [&](int64_t sample_group, int64_t parts, int64_t* part_cursors) {
+      const int64_t first_plane = sample_group * out_per_group;  // = sample * C_out + group * out_per_group
+      regroup_by_position(values.get() + first_plane * pooled_area, counts.get() + first_plane, out_per_group,
+                          pooled_area, unpooled_area, parts, part_cursors,
+                          offsets.get() + sample_group * (unpooled_area + 1), routed.get() + first_plane * pooled_area);
+    };
+    if (samples * shape.groups >= threads) {
+      at::parallel_for(0, samples * shape.groups, grain_for(work_per_group), [&](int64_t begin, int64_t end) {
+        std::vector<int64_t> cursors(unpooled_area);
+        for (int64_t sample_group = begin; sample_group < end; ++sample_group) regroup(sample_group, 1, cursors.data());
+      });
+    } else {
+      // Fewer (sample, group)s than threads (one image at VGG16's first block): each one's channels
+      // split among the threads instead.
+      std::vector<int64_t> cursors(threads * unpooled_area);
+      for (int64_t sample_group = 0; sample_group < samples * shape.groups; ++sample_group) {
+        regroup(sample_group, threads, cursors.data());
       }
-    });
+    }
 
     pass3(n0, samples, routed.get(), offsets.get());
   }
