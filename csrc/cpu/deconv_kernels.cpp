@@ -555,8 +555,9 @@ PoolPositionFn<scalar_t> pool_position_channels_last_for_this_cpu() {
   return &baseline::pool_position_channels_last<scalar_t, acc_t>;
 }
 
-// The taps of every window along one axis that lie inside the input (geometry::taps_inside), made
-// once per call so that the loops divide nothing.
+// For every window along one axis (a pool's output position; for the scattering pass 3, an
+// unpooled position, whose conv taps reach the output), the taps that land inside a map of `size`
+// (geometry::taps_inside), made once per call so that the loops divide nothing.
 std::vector<geometry::TapRange> taps_inside_table(int64_t windows, int64_t size, int64_t kernel, int64_t stride,
                                                   int64_t padding, int64_t dilation) {
   std::vector<geometry::TapRange> table(windows);
@@ -858,19 +859,18 @@ struct ScatterPass {
   scalar_t* output;
   const FusedShape& shape;
   const Conv2d& conv;
-  std::vector<geometry::TapRange> row_taps, col_taps;
+  const std::vector<geometry::TapRange> row_taps, col_taps;
   const ScatterPlaneFn<acc_t> scatter_plane = scatter_plane_for_this_cpu<acc_t>();
 
   ScatterPass(const acc_t* weight_rows, scalar_t* output, const FusedShape& shape, const Conv2d& conv)
-      : weight_rows(weight_rows), output(output), shape(shape), conv(conv) {
-    for (int64_t y = 0; y < shape.unpooled_h; ++y) {
-      row_taps.push_back(
-          geometry::taps_inside(y, shape.output_h, conv.kernel_h, conv.stride_h, conv.padding_h, conv.dilation_h));
-    }
-    for (int64_t x = 0; x < shape.unpooled_w; ++x) {  // dilation_w is 1 here (scatters_rows)
-      col_taps.push_back(geometry::taps_inside(x, shape.output_w, conv.kernel_w, conv.stride_w, conv.padding_w, 1));
-    }
-  }
+      : weight_rows(weight_rows),
+        output(output),
+        shape(shape),
+        conv(conv),
+        row_taps(taps_inside_table(shape.unpooled_h, shape.output_h, conv.kernel_h, conv.stride_h, conv.padding_h,
+                                   conv.dilation_h)),
+        // dilation_w is 1 here (scatters_rows)
+        col_taps(taps_inside_table(shape.unpooled_w, shape.output_w, conv.kernel_w, conv.stride_w, conv.padding_w, 1)) {}
 
   void operator()(int64_t n0, int64_t samples, const RoutedValue<acc_t>* routed, const int64_t* offsets) const {
     const int64_t out_per_group = shape.out_per_group(), in_per_group = shape.in_per_group();

@@ -10,14 +10,15 @@
 // reaches, for every ky whose output row is inside. The vectors run along the filter row (11 taps of
 // AlexNet's conv1 in one masked 16-lane vector, where a block of its 3 input channels would fill 3
 // of 4 lanes), masked to the taps inside the plane. A row segment is loaded once per position, gets
-// the position's values (about five at AlexNet's pool1) and is stored once; several segments go
-// together, so that their FMA chains run side by side: up to 8 rows where a row fits one or two
-// vectors (add_short_rows, the common case), else kSegments (ky, k) pieces of longer rows.
+// the position's values (about five at AlexNet's pool1) and is stored once; up to 8 rows go
+// together (add_short_rows), so that their FMA chains run side by side. A row is taken in pieces
+// of at most two vectors (one piece for AlexNet's conv1: one AVX-512 or two AVX2 vectors).
 //
 // Positions of one row are visited in `phases` passes (x = phase, phase + phases, ...), so that
 // two positions visited one after the other write disjoint segments: a load that overlaps a store
 // still in flight waits for it. One task owns the plane and adds in a fixed order, so the bits do
 // not depend on the number of threads.
+
 // R filter rows of one position, each inside V vectors (the last one masked to `last_lanes`): the
 // rows' outputs are loaded once, get every value routed to the position, and are stored once. R * V
 // accumulators in registers: independent FMA chains.
@@ -50,10 +51,9 @@ inline void add_short_rows(const RoutedValue<typename Lanes::value_t>* first,
 template <typename Lanes>
 void scatter_plane(const ScatterArgs<typename Lanes::value_t>& a, typename Lanes::value_t* plane) {
   using acc_t = typename Lanes::value_t;
-  using vec_t = typename Lanes::vec_t;
-  using mask_t = typename Lanes::mask_t;
-  constexpr int kSegments = 4;
+  constexpr int64_t kPiece = 2 * Lanes::width;  // the most taps of a row added at once
   const int64_t filter_size = a.kernel_h * a.kernel_w;
+  const int64_t out_step = a.dilation_h * a.output_w;  // between the output rows of consecutive ky
   const int64_t phases = std::min(a.unpooled_w, std::max<int64_t>(1, (a.kernel_w + a.stride_w - 1) / a.stride_w));
   for (int64_t y = 0; y < a.unpooled_h; ++y) {
     const geometry::TapRange rows = a.row_taps[y];
@@ -66,21 +66,19 @@ void scatter_plane(const ScatterArgs<typename Lanes::value_t>& a, typename Lanes
         const geometry::TapRange cols = a.col_taps[x];
         if (first == last || cols.first >= cols.end) continue;
         const int64_t length = cols.end - cols.first;  // the taps of a filter row inside the plane
-        if (length <= 2 * Lanes::width) {
-          // The common case, a row in one or two vectors (AlexNet's conv1: 11 taps, one AVX-512 or
-          // two AVX2 vectors): 8, 4, 2, 1 rows at a time (4, 2, 1 of two vectors).
-          const int64_t out_step = a.dilation_h * a.output_w;
+        for (int64_t k = 0; k < length; k += kPiece) {  // taps [cols.first + k, + piece) of every row
+          const int64_t piece = std::min(length - k, kPiece);
           int64_t ky = rows.first;
           acc_t* out = plane + (y * a.stride_h - a.padding_h + ky * a.dilation_h) * a.output_w + x * a.stride_w -
-                       a.padding_w + cols.first;
+                       a.padding_w + cols.first + k;
           const auto add = [&](auto rows_at_once, auto vectors) {
             constexpr int R = decltype(rows_at_once)::value, V = decltype(vectors)::value;
-            add_short_rows<R, V, Lanes>(first, last, a.weight + ky * a.kernel_w + cols.first, filter_size,
-                                        a.kernel_w, out, out_step, Lanes::first(length - (V - 1) * Lanes::width));
+            add_short_rows<R, V, Lanes>(first, last, a.weight + ky * a.kernel_w + cols.first + k, filter_size,
+                                        a.kernel_w, out, out_step, Lanes::first(piece - (V - 1) * Lanes::width));
             ky += R;
             out += R * out_step;
           };
-          const auto add_rows = [&](auto vectors) {
+          const auto add_rows = [&](auto vectors) {  // 8, 4, 2, 1 rows at a time (4, 2, 1 of two vectors)
             if constexpr (decltype(vectors)::value == 1) {
               while (rows.end - ky >= 8) add(std::integral_constant<int, 8>(), vectors);
             }
@@ -88,43 +86,11 @@ void scatter_plane(const ScatterArgs<typename Lanes::value_t>& a, typename Lanes
             if (rows.end - ky >= 2) add(std::integral_constant<int, 2>(), vectors);
             if (rows.end - ky >= 1) add(std::integral_constant<int, 1>(), vectors);
           };
-          if (length <= Lanes::width) {
+          if (piece <= Lanes::width) {
             add_rows(std::integral_constant<int, 1>());
           } else {
             add_rows(std::integral_constant<int, 2>());
           }
-          continue;
-        }
-        // The segments, (ky, k) for ky in rows and k = 0, width, ... < length, kSegments at a time;
-        // the last group is padded with empty ones (no lane: they load zeros and store nothing).
-        int64_t ky = rows.first, k = 0;
-        while (ky < rows.end) {
-          int64_t out_at[kSegments], weight_at[kSegments];
-          mask_t lanes[kSegments];
-          vec_t acc[kSegments];
-          for (int j = 0; j < kSegments; ++j) {
-            if (ky < rows.end) {
-              out_at[j] = (y * a.stride_h - a.padding_h + ky * a.dilation_h) * a.output_w + x * a.stride_w -
-                          a.padding_w + cols.first + k;
-              weight_at[j] = ky * a.kernel_w + cols.first + k;
-              lanes[j] = Lanes::first(std::min<int64_t>(Lanes::width, length - k));
-              k += Lanes::width;
-              if (k >= length) k = 0, ++ky;
-            } else {
-              out_at[j] = out_at[0];
-              weight_at[j] = weight_at[0];
-              lanes[j] = Lanes::first(0);
-            }
-            acc[j] = Lanes::load_first(plane + out_at[j], lanes[j]);
-          }
-          for (const RoutedValue<acc_t>* v = first; v != last; ++v) {
-            const acc_t* filter = a.weight + int64_t(v->channel) * filter_size;
-            const vec_t value = Lanes::broadcast(v->value);
-            for (int j = 0; j < kSegments; ++j) {
-              acc[j] = Lanes::fma(Lanes::load_first(filter + weight_at[j], lanes[j]), value, acc[j]);
-            }
-          }
-          for (int j = 0; j < kSegments; ++j) Lanes::store_first(plane + out_at[j], acc[j], lanes[j]);
         }
       }
     }
