@@ -126,9 +126,8 @@ class Windows:
         return out[:, :, :plane].reshape(p, c, size[0], size[1])
 
     def add_into(self, out: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Add the windows [P, C, h, w] into maps ``out`` [P, C, H, W] in place (the result's own rows:
-        no full-size temporary). Positions outside the map add 0 to a clamped position, so every real
-        position receives exactly its own value."""
+        """Add the windows [P, C, h, w] into maps ``out`` [P, C, H, W] in place; positions outside the
+        map are dropped, so every real position receives exactly its own value."""
         if out.device.type != "cpu":  # one kernel for all windows (a slice each would be a launch each)
             return out.add_(self.paste(g, out.shape[2:]))
         # On the CPU a slice per window, clipped to the map: it reads and writes only the window

@@ -7,7 +7,8 @@
 //
 // Memory format: inputs of any strides and memory format (channels_last included) are read through
 // `.contiguous()`, and every output is a new NCHW-contiguous tensor; except max_pool2d_switches,
-// which keeps a channels-last input's format (as PyTorch's max_pool2d does) and pools it in place.
+// which pools a channels-last input as it is and returns channels-last outputs (as PyTorch's
+// max_pool2d does).
 //
 // Precision: half and bfloat16 are read and accumulated in float32 (at::opmath_type), float32 in
 // float32 and float64 in float64; only the final value is rounded to the input's dtype.
@@ -389,7 +390,9 @@ struct DoubleLanes {
   static inline void store(double* p, vec_t v) { _mm256_storeu_pd(p, v); }
   static inline vec_t fma(vec_t a, vec_t b, vec_t c) { return _mm256_fmadd_pd(a, b, c); }
   using mask_t = __m256i;  // the first n lanes, for n in [0, 4]
-  static inline mask_t first(int64_t n) { return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)); }
+  static inline mask_t first(int64_t n) {
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+  }
   static inline vec_t load_first(const double* p, mask_t in) { return _mm256_maskload_pd(p, in); }
   static inline void store_first(double* p, vec_t v, mask_t in) { _mm256_maskstore_pd(p, in, v); }
 };
@@ -406,7 +409,9 @@ struct FloatQuadLanes {
   static inline void store(float* p, vec_t v) { _mm_storeu_ps(p, v); }
   static inline vec_t fma(vec_t a, vec_t b, vec_t c) { return _mm_fmadd_ps(a, b, c); }
   using mask_t = __m128i;  // the first n lanes, for n in [0, 4]
-  static inline mask_t first(int64_t n) { return _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int>(n)), _mm_setr_epi32(0, 1, 2, 3)); }
+  static inline mask_t first(int64_t n) {
+    return _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int>(n)), _mm_setr_epi32(0, 1, 2, 3));
+  }
   static inline vec_t load_first(const float* p, mask_t in) { return _mm_maskload_ps(p, in); }
   static inline void store_first(float* p, vec_t v, mask_t in) { _mm_maskstore_ps(p, in, v); }
 };
@@ -459,8 +464,8 @@ struct DoubleLanes {
 #endif
 
 #ifdef DECONV_X86_SIMD
-// The widest instruction set pass 3 uses: what the CPU has, capped by PyTorch's own choice for its
-// CPU kernels, so that ATEN_CPU_CAPABILITY=default|avx2 (read once, at the first call) runs the
+// The widest instruction set the loops of this file use: what the CPU has, capped by PyTorch's own
+// choice for its CPU kernels, so that ATEN_CPU_CAPABILITY=default|avx2 (read once, at the first call) runs the
 // narrower loops on a wider CPU: tests do, and users can rule out a vector unit the same way for both.
 enum class Isa { kBaseline, kAvx2, kAvx512 };
 
@@ -642,9 +647,8 @@ void max_pool2d_switches_channels_last_kernel(const scalar_t* input, scalar_t* o
 
 // Scratch memory of the fused op, kept from call to call on the calling thread, one buffer per
 // kSlot of up to kKeptElements elements (16 MiB in all for float32, 32 for float64; larger ones
-// are allocated per call). A fresh
-// allocation of several MiB comes from the kernel page by page, each page zeroed on its first
-// touch: that was a tenth of the op's time at VGG16's first block.
+// are allocated per call). A fresh allocation of several MiB comes from the kernel page by page,
+// each page zeroed on its first touch: that was a third of the op's time at VGG16's first block.
 template <typename T, int kSlot>
 class Scratch {
  public:
@@ -785,8 +789,9 @@ void unpool_relu_deconv2d_kernel(const scalar_t* grad, const bool* positive, con
 }
 
 // Pass 3 by gathering: one task per (group, channel block, sample, output row); consecutive tasks
-// share the block's packed weights, which then stay in L2 from one sample to the next. `weight_packed`: [groups, channel_blocks, kh, kw, c_out / groups,
-// B] in the accumulate type, zero beyond c_in / groups (pack_weight).
+// share the block's packed weights, which then stay in L2 from one sample to the next.
+// `weight_packed`: [groups, channel_blocks, kh, kw, c_out / groups, B] in the accumulate type, zero
+// beyond c_in / groups (pack_weight).
 template <int B, typename scalar_t>
 struct GatherPass {
   using acc_t = at::opmath_type<scalar_t>;
@@ -869,8 +874,8 @@ struct ScatterPass {
         conv(conv),
         row_taps(taps_inside_table(shape.unpooled_h, shape.output_h, conv.kernel_h, conv.stride_h, conv.padding_h,
                                    conv.dilation_h)),
-        // dilation_w is 1 here (scatters_rows)
-        col_taps(taps_inside_table(shape.unpooled_w, shape.output_w, conv.kernel_w, conv.stride_w, conv.padding_w, 1)) {}
+        col_taps(taps_inside_table(shape.unpooled_w, shape.output_w, conv.kernel_w, conv.stride_w, conv.padding_w,
+                                   /*dilation: 1 here, scatters_rows=*/1)) {}
 
   void operator()(int64_t n0, int64_t samples, const RoutedValue<acc_t>* routed, const int64_t* offsets) const {
     const int64_t out_per_group = shape.out_per_group(), in_per_group = shape.in_per_group();
@@ -993,7 +998,6 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_switches_cpu(const at::Tensor& inp
                                                       pool.dilation_h, ceil_mode);
   const int64_t output_w = geometry::pool_output_size(input.size(3), pool.kernel_w, pool.stride_w, pool.padding_w,
                                                       pool.dilation_w, ceil_mode);
-  // the input's memory format for the outputs, as PyTorch's max_pool2d
   // Outputs in the input's memory format, as PyTorch's max_pool2d. Short NCHW rows leave the row
   // loop's vectors mostly empty (6 outputs a row at AlexNet's pool5): with channels enough to fill
   // them, such an input is pooled channels-last through a transposed copy (4x faster there).
