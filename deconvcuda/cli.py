@@ -92,12 +92,13 @@ def _count_or_all(text: str) -> Optional[int]:
 
 def parse_rules(text: str) -> List[str]:
     """``"deconvnet,guided"`` -> ["deconvnet", "guided"]: the rules drawn side by side."""
-    from .figures import RULES
+    from . import rules as reverse_rules
 
     rules = [item.strip() for item in text.split(",")]
-    unknown = [rule for rule in rules if rule not in RULES]
+    unknown = [rule for rule in rules if rule not in reverse_rules.RULES]
     if unknown or not rules:
-        raise argparse.ArgumentTypeError(f"expected rules from {', '.join(RULES)} separated by commas, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected rules from {', '.join(reverse_rules.names())} separated by "
+                                         f"commas, got {text!r}")
     return list(dict.fromkeys(rules))
 
 

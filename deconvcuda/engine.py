@@ -30,11 +30,12 @@ from torch import nn
 
 from . import kinds
 from .graph import Graph, Node, trace
-from .kinds import LRN_MODES, RULES, At, Keeper
+from . import rules
+from .kinds import LRN_MODES, At, Keeper
 from .kinds.base import numel
 from .windows import Windows
 
-__all__ = ["project", "OutOfRangeError", "DtypeError", "RULES", "SEEDS", "LRN_MODES", "BACKENDS"]
+__all__ = ["project", "OutOfRangeError", "DtypeError", "SEEDS", "LRN_MODES", "BACKENDS"]
 
 
 class OutOfRangeError(IndexError, ValueError):
@@ -209,7 +210,8 @@ def _is_int(value) -> bool:
 
 
 def _check_options(rule, seed, lrn, backend, caller: str) -> None:
-    for name, value, allowed in (("rule", rule, RULES), ("seed", seed, SEEDS), ("lrn", lrn, LRN_MODES),
+    rules.get(rule, caller)
+    for name, value, allowed in (("seed", seed, SEEDS), ("lrn", lrn, LRN_MODES),
                                  ("backend", backend, BACKENDS)):
         if not isinstance(value, str) or value not in allowed:
             raise ValueError(f"{caller}: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
@@ -343,7 +345,7 @@ def project(model: nn.Module, images: torch.Tensor, layer, channel=None, positio
             batch = images.index_select(0, wanted)
         else:
             rows, batch = None, images
-        keeper = Keeper(kernels, rule, lrn)
+        keeper = Keeper(kernels, rules.get(rule, caller), lrn)
         output = graph.forward(batch, keeper)[target]
         if neurons is not None:
             selection = _Selection(rows, neurons[:, 1], neurons[:, 2], neurons[:, 3], True)
@@ -363,12 +365,12 @@ def project(model: nn.Module, images: torch.Tensor, layer, channel=None, positio
 
         program = _program(graph, shapes, keeper.saved, kernels)
         return _reverse(program, graph, output, selection, seed, shapes[graph.input],
-                        _Options(rule, lrn, kernels, crop=kernels.crop and not flat))
+                        _Options(keeper.rule, lrn, kernels, crop=kernels.crop and not flat))
 
 
 @dataclass
 class _Options:
-    rule: str
+    rule: rules.Rule
     lrn: str
     kernels: _Kernels
     crop: bool

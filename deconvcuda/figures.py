@@ -44,18 +44,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import rules as reverse_rules
+
 __all__ = ["visualize", "Visualization", "LayerFigures", "ChannelFigure", "Section", "projections_to_rgb",
            "patches_to_rgb", "support_mask", "grid", "channel_figure", "prepare_output", "record_outputs",
-           "RULES", "CONTRASTS", "DEFAULT_CHANNELS"]
+           "CONTRASTS", "DEFAULT_CHANNELS"]
 
-#: The reverse rules a gallery can draw (``deconvcuda.project(rule=...)``), and what each shows.
-RULES = {
-    "deconvnet": "the paper's DeconvNet: on the way down every ReLU passes only the positive part of the signal, "
-                 "wherever the forward pass was; the pooling switches are all it keeps of the image",
-    "guided": "guided backpropagation (Springenberg et al. 2014): as the DeconvNet, and every ReLU also passes "
-              "signal only where its forward input was positive, so the projection follows the image's own edges",
-    "gradient": "the plain gradient of the activation with respect to the input pixels (saliency)",
-}
 #: How projections are turned into gray levels: see :func:`projections_to_rgb`.
 CONTRASTS = ("robust", "max")
 #: The percentile of |value| that ``contrast="robust"`` maps to black and white, and the fewest pixels
@@ -542,10 +536,11 @@ def _layer_list(model: nn.Module, layers) -> List[str]:
 def _rule_list(rule) -> List[str]:
     rules = [rule] if isinstance(rule, str) else list(rule)
     if not rules:
-        raise ValueError("visualize: rule is empty; name at least one of " + ", ".join(RULES))
+        raise ValueError("visualize: rule is empty; name at least one of " + ", ".join(reverse_rules.names()))
     for name in rules:
-        if name not in RULES:
-            raise ValueError(f"visualize: unknown rule {name!r}; expected one or more of {', '.join(RULES)}")
+        if name not in reverse_rules.RULES:
+            raise ValueError(f"visualize: unknown rule {name!r}; expected one or more of "
+                             f"{', '.join(reverse_rules.names())}")
     return list(dict.fromkeys(rules))
 
 
@@ -946,7 +941,7 @@ def _header(model, model_name, weights, data, data_name, rules, contrast, k, see
         "model": model_name or type(model).__name__,
         "weights": weights or "not stated (visualize(..., weights=...) says where they came from)",
         "data": _data_description(data, data_name),
-        "rules": "; ".join(f"{name}: {RULES[name]}" for name in rules),
+        "rules": "; ".join(f"{name}: {reverse_rules.RULES[name].description}" for name in rules),
         "contrast": contrast_text,
         "settings": f"k = {k} (activations per channel, one per image), seed = {seed!r}, lrn = {lrn!r}, "
                     f"backend = {backend!r}",

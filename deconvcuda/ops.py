@@ -13,6 +13,7 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.deconvcuda)
+from . import rules
 from .geometry import deconv_min_output_size, pool_output_size
 
 IntPair = Union[int, Sequence[int]]
@@ -20,8 +21,8 @@ IntPair = Union[int, Sequence[int]]
 __all__ = ["max_pool2d_switches", "unpool_relu", "deconv2d", "unpool_relu_deconv2d"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-#: The reverse rules of the ReLU before a max pool (DESIGN.md's table; csrc/common/rules.h).
-RULES = ("deconvnet", "guided", "gradient")
+#: The reverse rules of the ReLU before a max pool that the kernels serve (csrc/common/rules.h).
+RULES = rules.kernel_names()
 _MAX_KERNEL_TAPS = 256  # uint8 switches name at most 256 taps (16x16)
 
 
@@ -172,7 +173,7 @@ def _check_switches(op, switches, grad):
 
 
 def _check_rule(op, rule, positive, grad):
-    _fail(rule in RULES, f'{op}: rule must be "deconvnet", "guided" or "gradient", got "{rule}"')
+    _fail(rule in RULES, f'{op}: rule must be {rules.quoted(RULES)}, got "{rule}"')
     if positive is None:
         return
     _fail(positive.dtype == torch.bool,

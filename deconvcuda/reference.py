@@ -8,6 +8,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from . import rules
 from .geometry import deconv_min_output_size
 
 IntPair = Union[int, Sequence[int]]
@@ -62,29 +63,25 @@ def _switch_targets(switches: torch.Tensor, input_size, kernel, stride, padding,
     return (iy * input_size[1] + ix).clamp(0, input_size[0] * input_size[1] - 1), valid
 
 
-_RULES = ("deconvnet", "guided", "gradient")
-
-
 def unpool_relu(grad: torch.Tensor, switches: torch.Tensor, input_size, kernel_size: IntPair,
                 stride: Optional[IntPair] = None, padding: IntPair = 0, dilation: IntPair = 1,
                 rule: str = "deconvnet", positive: Optional[torch.Tensor] = None) -> torch.Tensor:
     """relu(sum of each pooled value scattered to its switch), under ``rule``: "guided" and
     "gradient" drop the values where ``positive`` is False (where it is given), "gradient" skips
     the relu."""
-    if rule not in _RULES:
-        raise ValueError(f'unpool_relu: rule must be "deconvnet", "guided" or "gradient", got "{rule}"')
+    policy = rules.kernel_rule(rule, "unpool_relu")
     kernel = _pair(kernel_size)
     stride = kernel if stride is None else _pair(stride)
     padding, dilation, input_size = _pair(padding), _pair(dilation), _pair(input_size)
     target, valid = _switch_targets(switches, input_size, kernel, stride, padding, dilation)
-    if rule != "deconvnet" and positive is not None:
+    if policy.masked and positive is not None:
         valid = valid & positive
     n, c, pooled = grad.shape[0], grad.shape[1], grad.shape[2] * grad.shape[3]
     values = torch.where(valid, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
     # accumulate in float64 so that the oracle's only rounding is the final cast
     plane = torch.zeros(n, c, input_size[0] * input_size[1], dtype=torch.float64, device=grad.device)
     plane.scatter_add_(2, target.reshape(n, c, pooled), values.reshape(n, c, pooled).double())
-    if rule != "gradient":
+    if policy.rectifies:
         plane = torch.relu(plane)
     return plane.view(n, c, *input_size).to(grad.dtype)
 
@@ -109,8 +106,7 @@ def unpool_relu_deconv2d(grad: torch.Tensor, switches: torch.Tensor, weight: tor
                          conv_dilation: IntPair = 1, groups: int = 1, output_size=None, rule: str = "deconvnet",
                          positive: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The composition the fused kernel computes in one pass."""
-    if rule not in _RULES:
-        raise ValueError(f'unpool_relu_deconv2d: rule must be "deconvnet", "guided" or "gradient", got "{rule}"')
+    rules.kernel_rule(rule, "unpool_relu_deconv2d")
     unpooled = unpool_relu(grad, switches, input_size, kernel_size, stride, padding, dilation, rule, positive)
     return deconv2d(unpooled, weight, conv_stride, conv_padding, conv_dilation, groups, output_size)
 

@@ -1,14 +1,14 @@
 """Layer kinds: one class per kind of layer, each knowing its recognition, shape, forward, reverse per
 rule and window growth. Importing this package registers them all with the graph reader."""
-from .base import FUNCTION_KINDS, METHOD_KINDS, MODULE_KINDS, RULES, At, Call, Keeper, Kind, register
-from .activations import RECTIFIER_RULES, ReLU, ReLU6, Rectifier
+from .base import FUNCTION_KINDS, METHOD_KINDS, MODULE_KINDS, At, Call, Keeper, Kind, register
+from .activations import ReLU, ReLU6, Rectifier
 from .conv import Conv
 from .linear import Linear
 from .normalization import LRN_MODES, BatchNorm, LocalResponseNorm
 from .pooling import AdaptiveAvgPool, AvgPool, MaxPool, SpatialMean
 from .structure import Add, Cat, Flatten, Identity
 
-__all__ = ["Kind", "register", "Call", "At", "Keeper", "RULES", "RECTIFIER_RULES", "LRN_MODES", "MODULE_KINDS",
+__all__ = ["Kind", "register", "Call", "At", "Keeper", "LRN_MODES", "MODULE_KINDS",
            "FUNCTION_KINDS", "METHOD_KINDS", "Conv", "ReLU", "ReLU6", "Rectifier", "MaxPool", "AvgPool",
            "AdaptiveAvgPool", "SpatialMean", "BatchNorm", "LocalResponseNorm", "Linear", "Identity", "Flatten",
            "Add", "Cat"]

@@ -1,16 +1,9 @@
-"""The rectifiers, and the rule table: how each rule reverses a rectifier (DESIGN.md's Semantics).
-
-    rule          reverse of y = relu(x)           reverse of y = relu6(x)
-    deconvnet     max(g, 0)                        max(g, 0)                  (the paper's; forward ignored)
-    guided        max(g, 0) * [x > 0]              max(g, 0) * [0 < x < 6]    (Springenberg et al. 2014)
-    gradient      g * [x > 0]                      g * [0 < x < 6]            (the plain gradient)
+"""The rectifiers: ReLU and ReLU6, reversed by the rule (deconvcuda.rules says how each rule does it).
 
 The forward mask is read from the output (x > 0 exactly where y > 0; 0 < x < 6 where 0 < y < 6), kept
-as booleans. Every other kind reverses by its gradient under every rule.
+as booleans, and only for the rules that read it. Every other kind reverses by its gradient.
 """
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,24 +11,11 @@ from torch import nn
 
 from .base import Kind, register
 
-__all__ = ["RECTIFIER_RULES", "Rectifier", "ReLU", "ReLU6"]
-
-
-class RectifierRule(NamedTuple):
-    rectify: bool  # max(g, 0)
-    masked: bool   # times the forward's pass-through mask
-
-
-#: One entry per rule: adding a rule is one line here (and its name in base.RULES).
-RECTIFIER_RULES = {
-    "deconvnet": RectifierRule(rectify=True, masked=False),
-    "guided": RectifierRule(rectify=True, masked=True),
-    "gradient": RectifierRule(rectify=False, masked=True),
-}
+__all__ = ["Rectifier", "ReLU", "ReLU6"]
 
 
 class Rectifier(Kind):
-    """A rectifier: its reverse follows ``RECTIFIER_RULES``; subclasses say how the forward and its
+    """A rectifier: its reverse is the rule's ``rectifier``; subclasses say how the forward and its
     pass-through mask are computed."""
 
     def pass_through(self, y: torch.Tensor) -> torch.Tensor:
@@ -43,19 +23,16 @@ class Rectifier(Kind):
 
     def forward_keeping(self, inputs, keeper):
         y = self.forward(*inputs)
-        if not RECTIFIER_RULES[keeper.rule].masked:
+        if not keeper.rule.masked:
             return y, None
         mask = self.pass_through(y)
         return y, (keeper.rows(mask) if mask.dim() == 4 else mask)
 
     def reverse(self, g, at):
-        rule = RECTIFIER_RULES[at.rule]
-        if rule.rectify:
-            g = torch.relu(g)
-        if rule.masked:
+        mask = None
+        if at.rule.masked:
             mask = at.map_of(at.saved) if at.saved.dim() == 4 else at.saved.index_select(0, at.images)
-            g = g * mask
-        return [g]
+        return [at.rule.rectifier(g, mask)]
 
 
 @register

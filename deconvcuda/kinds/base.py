@@ -4,8 +4,7 @@ their reverses run in.
 A kind is ONE class that knows everything about one kind of layer: how it is recognised (its module
 types, functions and Tensor methods, and how their arguments read), its output shape, its forward
 (and what the reverse needs kept from it), its reverse for each rule, and how it grows a
-receptive-field window. Adding a kind is one class with ``@register``; adding a rule is one entry in
-``activations.RECTIFIER_RULES``.
+receptive-field window. Adding a kind is one class with ``@register``; rules live in deconvcuda.rules.
 """
 from __future__ import annotations
 
@@ -14,16 +13,14 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tupl
 
 import torch
 
+from ..rules import Rule
 from ..windows import Windows
 
 __all__ = ["Kind", "register", "Call", "At", "Keeper", "MODULE_KINDS", "FUNCTION_KINDS", "METHOD_KINDS",
-           "RULES", "Shape", "pair", "numel"]
+           "Shape", "pair", "numel"]
 
 Shape = Tuple[int, ...]  # one image's shape: (C, H, W) or (F,)
 Pair = Tuple[int, int]
-
-#: The reverse rules (DESIGN.md's Semantics table); activations.RECTIFIER_RULES says what each does.
-RULES = ("deconvnet", "guided", "gradient")
 
 MODULE_KINDS: Dict[type, Type["Kind"]] = {}
 FUNCTION_KINDS: Dict[Callable, Type["Kind"]] = {}
@@ -94,7 +91,7 @@ class Keeper:
     stores what its reverse reads channels-last ([N, H, W, C]), so that any projection's window of
     it is a gather of contiguous rows."""
 
-    def __init__(self, kernels, rule: str, lrn: str):
+    def __init__(self, kernels, rule: Rule, lrn: str):
         self.kernels, self.rule, self.lrn = kernels, rule, lrn
         self.saved: Dict[Any, Any] = {}  # per graph node, what its kind kept
 
@@ -115,7 +112,7 @@ class At:
     saved: Any
     images: torch.Tensor
     windows: Optional[Windows]
-    rule: str
+    rule: Rule
     lrn: str
     kernels: Any
 

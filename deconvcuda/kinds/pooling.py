@@ -10,7 +10,6 @@ from torch import nn
 
 from ..geometry import pool_output_size
 from ..windows import extent
-from .activations import RECTIFIER_RULES
 from .base import At, Kind, pair, register
 
 __all__ = ["MaxPool", "AvgPool", "AdaptiveAvgPool", "SpatialMean", "pooled_shape", "linear_vjp"]
@@ -75,7 +74,7 @@ class MaxPool(Kind):
                                                               self.dilation, self.ceil_mode)
         # guided and gradient mask a fused ReLU below by whether the pooled value was > 0 (at the switch,
         # the ReLU's output is the pooled value); the deconvnet rule needs only the switches
-        positive = keeper.rows(pooled > 0) if RECTIFIER_RULES[keeper.rule].masked else None
+        positive = keeper.rows(pooled > 0) if keeper.rule.masked else None
         return pooled, (keeper.rows(switches), positive)
 
     def grow(self, windows):
@@ -123,8 +122,9 @@ class MaxPool(Kind):
 
 
 def _rule_arguments(at: At, positive) -> dict:
-    """The fused ops' rule arguments: the rule, and for the masked rules whether each pooled value was > 0."""
-    return {"rule": at.rule, "positive": None if positive is None else at.map_of(positive)}
+    """The fused ops' rule arguments: the kernels' name of the rule, and for the masked rules whether
+    each pooled value was > 0."""
+    return {"rule": at.rule.kernel, "positive": None if positive is None else at.map_of(positive)}
 
 
 def _avg_pool_divisors(pooled: int, size: int, kernel: int, stride: int, padding: int,
