@@ -21,7 +21,6 @@ kernel call (native backend). Both ways and both backends give the same numbers:
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -31,21 +30,12 @@ from torch import nn
 from . import kinds
 from .graph import Graph, Node, trace
 from . import rules
+from .checks import DtypeError, OutOfRangeError, check_images, is_int
 from .kinds import LRN_MODES, At, Keeper
 from .kinds.base import numel
 from .windows import Windows
 
 __all__ = ["project", "OutOfRangeError", "DtypeError", "SEEDS", "LRN_MODES", "BACKENDS"]
-
-
-class OutOfRangeError(IndexError, ValueError):
-    """A channel, position or neurons row outside the layer's output or the images. An IndexError
-    (an index is out of range) that is also a ValueError (an argument has a bad value)."""
-
-
-class DtypeError(TypeError, ValueError):
-    """A tensor argument with the wrong dtype: a TypeError (of its elements) and a ValueError (the
-    argument is a tensor, as expected, whose dtype is not)."""
 
 
 SEEDS = ("value", "one")
@@ -203,28 +193,12 @@ def _schedule(program: List[_Unit], crop: bool) -> Tuple[List[bool], int]:
 # Selections and checks
 # --------------------------------------------------------------------------------------------- #
 
-def _is_int(value) -> bool:
-    if isinstance(value, torch.Tensor):
-        return value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_options(rule, seed, lrn, backend, caller: str) -> None:
     rules.get(rule, caller)
     for name, value, allowed in (("seed", seed, SEEDS), ("lrn", lrn, LRN_MODES),
                                  ("backend", backend, BACKENDS)):
         if not isinstance(value, str) or value not in allowed:
             raise ValueError(f"{caller}: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
-def _check_images(images, caller: str) -> None:
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"{caller}: images must be a torch.Tensor [N, C, H, W], got {type(images).__name__}")
-    if images.dim() != 4:
-        raise ValueError(f"{caller}: images must be 4-D [N, C, H, W], got {images.dim()}-D with shape "
-                         f"{list(images.shape)}")
-    if not images.is_floating_point():
-        raise DtypeError(f"{caller}: images must be a floating-point tensor, got {images.dtype}")
 
 
 @dataclass
@@ -275,7 +249,7 @@ def _check_selection(channel, position, neurons, flat: bool, caller: str) -> Non
     if position is not None and flat:
         raise ValueError(f"{caller}: position is not allowed with a layer whose output is flat [N, F]; channel "
                          f"names the unit")
-    if channel is not None and not _is_int(channel):
+    if channel is not None and not is_int(channel):
         raise TypeError(f"{caller}: channel must be an int, got {channel!r}")
 
 
@@ -287,7 +261,7 @@ def _check_channel_position(channel, position, target_shape, caller: str) -> Tup
         return channel, None
     if isinstance(position, torch.Tensor):
         position = position.tolist()
-    if not isinstance(position, (tuple, list)) or len(position) != 2 or not all(_is_int(v) for v in position):
+    if not isinstance(position, (tuple, list)) or len(position) != 2 or not all(is_int(v) for v in position):
         raise TypeError(f"{caller}: position must be a pair of ints (y, x), got {position!r}")
     y, x = int(position[0]), int(position[1])
     if not (0 <= y < target_shape[1] and 0 <= x < target_shape[2]):
@@ -325,7 +299,7 @@ def project(model: nn.Module, images: torch.Tensor, layer, channel=None, positio
     """
     caller = "project"
     _check_options(rule, seed, lrn, backend, caller)
-    _check_images(images, caller)
+    check_images(images, caller)
     graph = trace(model, layer, caller=caller)
     shapes = graph.node_shapes(tuple(images.shape[1:]), caller=caller)
     target = graph.targets[graph.layers[0]]

@@ -16,6 +16,8 @@ from typing import List, Sequence, Union
 import torch
 from torch import nn
 
+from ..checks import OutOfRangeError
+
 __all__ = ["evolution", "read_checkpoint", "load_checkpoint"]
 
 
@@ -120,7 +122,6 @@ def evolution(model: nn.Module, checkpoints: Sequence[Union[Mapping, str, os.Pat
         n_channels = top.values.shape[0]
         bad = [channel for channel in channels if channel >= n_channels]
         if bad:
-            from ..engine import OutOfRangeError  # an IndexError and a ValueError, as for project
 
             raise OutOfRangeError(f"{caller}: channel {bad[0]} is out of range; layer {layer!r} has {n_channels} "
                              f"channels (0..{n_channels - 1})")

@@ -15,6 +15,7 @@ from typing import Dict, Sequence, Union
 import torch
 from torch import nn
 
+from ..checks import check_images
 from .outputs import layer_list, layer_outputs
 
 __all__ = ["invariance", "transform_images", "class_probabilities", "TRANSFORMS"]
@@ -65,14 +66,6 @@ def transform_images(images: torch.Tensor, transform: str, amount: float) -> tor
                     interpolation=InterpolationMode.BILINEAR, fill=0)
 
 
-def _check_images(images, caller: str) -> None:
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        got = f"shape {list(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{caller}: images must be a tensor [N, C, H, W] of model input, got {got}")
-    if not images.is_floating_point():
-        raise TypeError(f"{caller}: images must be floating point (the model's input), got {images.dtype}")
-
-
 def invariance(model: nn.Module, images: torch.Tensor, layers: Union[str, Sequence[str]], transform: str,
                amounts: Sequence[float], *, progress: bool = False) -> Dict[str, torch.Tensor]:
     """For each of ``layers``, ``[N, len(amounts)]``: the Euclidean distance between the layer's output
@@ -88,7 +81,7 @@ def invariance(model: nn.Module, images: torch.Tensor, layers: Union[str, Sequen
     caller = "invariance"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_images(images, caller)
+    check_images(images, caller)
     layers = layer_list(model, layers, caller)
     transform = _check_transform(transform, caller)
     amounts = _check_amounts(amounts, transform, caller)
@@ -108,7 +101,7 @@ def class_probabilities(model: nn.Module, images: torch.Tensor, labels, transfor
     """``[N, len(amounts)]``: each image's softmax probability of its class ``labels[n]`` in ``layer``'s
     flat output (default the model's output) under each amount of ``transform`` (Fig. 5's last column)."""
     caller = "class_probabilities"
-    _check_images(images, caller)
+    check_images(images, caller)
     transform = _check_transform(transform, caller)
     amounts = _check_amounts(amounts, transform, caller)
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)

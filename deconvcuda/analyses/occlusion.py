@@ -18,6 +18,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..checks import OutOfRangeError, check_images
 from .outputs import layer_list
 
 __all__ = ["occlusion", "most_probable_class", "occluder_grid", "occluded_images", "METHODS"]
@@ -105,7 +106,6 @@ def _check_channel(channel, n_images: int, n_channels: int, flat: bool, caller: 
         raise TypeError(f"{caller}: channel must be an int, a LongTensor [N] or None, got {type(channel).__name__}")
     bad = channel[(channel < 0) | (channel >= n_channels)]
     if bad.numel():
-        from ..engine import OutOfRangeError  # an IndexError and a ValueError, as for project
 
         raise OutOfRangeError(f"{caller}: {what} {int(bad[0])} is out of range; the layer has {n_channels} "
                          f"{what}s (0..{n_channels - 1})")
@@ -135,13 +135,7 @@ def strongest_channel(output: torch.Tensor, reduce: str) -> torch.Tensor:
 def _check_arguments(model, images, layer, reduce, softmax, caller):
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        got = f"shape {list(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{caller}: images must be a tensor [N, C, H, W] of model input, got {got}")
-    if not images.is_floating_point():
-        raise TypeError(f"{caller}: images must be floating point (the model's input), got {images.dtype}")
-    if images.shape[0] == 0:
-        raise ValueError(f"{caller}: images holds no image")
+    check_images(images, caller, allow_empty=False)
     if not isinstance(layer, str):
         raise TypeError(f"{caller}: layer must be one layer name (a str), got {type(layer).__name__}")
     layer_list(model, layer, caller)
