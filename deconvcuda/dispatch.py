@@ -20,7 +20,7 @@ from typing import Callable, Dict, Hashable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .geometry import deconv_min_output_size
+from .geometry import deconv_min_output_size, pair
 
 __all__ = ["AUTOTUNE", "Dispatcher", "deconv2d_gemm"]
 
@@ -41,16 +41,12 @@ def _bucket(batch: int) -> int:
     return 1 << max(0, int(batch) - 1).bit_length()
 
 
-def _pair(value) -> Tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
 def deconv2d_gemm(input: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=1, groups: int = 1,
                   output_size=None) -> torch.Tensor:
     """The transposed convolution as one matrix product per group and a col2im (``F.fold``): each
     input position times the filters gives the kernel-sized patch it adds to the output. No
     convolution library's setup cost, so it can win on the small windows of point projections."""
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
     p, c_out, h, w = input.shape
     c_in_group, kh, kw = weight.shape[1:]
     if output_size is None:

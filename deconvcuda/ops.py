@@ -14,7 +14,7 @@ from torch._prims_common import suggest_memory_format
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.deconvcuda)
 from . import rules
-from .geometry import deconv_min_output_size, pool_output_size
+from .geometry import checked_pair, deconv_min_output_size, pool_output_size
 
 IntPair = Union[int, Sequence[int]]
 
@@ -30,27 +30,11 @@ _MAX_KERNEL_TAPS = 256  # uint8 switches name at most 256 taps (16x16)
 # Argument normalisation (Python-side only: the operators take explicit pairs)
 # --------------------------------------------------------------------------------------------- #
 
-def _pair(op: str, name: str, value) -> Tuple[int, int]:
-    if isinstance(value, torch.Size):
-        value = tuple(value)
-    if isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        return (value, value)
-    try:
-        items = tuple(value)
-    except TypeError:
-        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}") from None
-    if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
-        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
-    return items
-
-
 def _spatial_size(op: str, name: str, value) -> Tuple[int, int]:
     """input_size / output_size: a pair, or a full [N, C, H, W] size whose last two entries count."""
     if isinstance(value, (torch.Size, tuple, list)) and len(value) == 4:
         value = tuple(value)[2:]
-    return _pair(op, name, value)
+    return checked_pair(value, op, name)
 
 
 def _default_output_size(op: str, input_hw, weight: torch.Tensor, stride, padding, dilation):
@@ -72,10 +56,10 @@ def max_pool2d_switches(input: torch.Tensor, kernel_size: IntPair, stride: Optio
     a maximum (PyTorch's rule). Returns ``(output, switches)``, both ``[N, C, H_out, W_out]``, in the
     input's memory format (channels-last stays channels-last, as with ``max_pool2d``)."""
     op = "max_pool2d_switches"
-    kernel = _pair(op, "kernel_size", kernel_size)
-    stride = kernel if stride is None else _pair(op, "stride", stride)
+    kernel = checked_pair(kernel_size, op, "kernel_size")
+    stride = kernel if stride is None else checked_pair(stride, op, "stride")
     return torch.ops.deconvcuda.max_pool2d_switches(
-        input, kernel, stride, _pair(op, "padding", padding), _pair(op, "dilation", dilation), bool(ceil_mode))
+        input, kernel, stride, checked_pair(padding, op, "padding"), checked_pair(dilation, op, "dilation"), bool(ceil_mode))
 
 
 def unpool_relu(grad: torch.Tensor, switches: torch.Tensor, input_size, kernel_size: IntPair,
@@ -90,11 +74,11 @@ def unpool_relu(grad: torch.Tensor, switches: torch.Tensor, input_size, kernel_s
     ReLU) or ``"gradient"`` (dropped likewise, no ReLU: with ``positive=None``, max_pool2d's
     backward). ``positive``: bool, shaped like ``grad``, whether the pool's forward output was > 0."""
     op = "unpool_relu"
-    kernel = _pair(op, "kernel_size", kernel_size)
-    stride = kernel if stride is None else _pair(op, "stride", stride)
+    kernel = checked_pair(kernel_size, op, "kernel_size")
+    stride = kernel if stride is None else checked_pair(stride, op, "stride")
     return torch.ops.deconvcuda.unpool_relu(
         grad, switches, _spatial_size(op, "input_size", input_size), kernel, stride,
-        _pair(op, "padding", padding), _pair(op, "dilation", dilation), rule=rule, positive=positive)
+        checked_pair(padding, op, "padding"), checked_pair(dilation, op, "dilation"), rule=rule, positive=positive)
 
 
 def deconv2d(input: torch.Tensor, weight: torch.Tensor, stride: IntPair = 1, padding: IntPair = 0,
@@ -103,8 +87,8 @@ def deconv2d(input: torch.Tensor, weight: torch.Tensor, stride: IntPair = 1, pad
     (``conv_transpose2d``, no bias): the input-gradient of that conv. ``output_size`` picks the exact
     spatial size (the forward input's); by default the smallest one."""
     op = "deconv2d"
-    stride, padding, dilation = (_pair(op, "stride", stride), _pair(op, "padding", padding),
-                                 _pair(op, "dilation", dilation))
+    stride, padding, dilation = (checked_pair(stride, op, "stride"), checked_pair(padding, op, "padding"),
+                                 checked_pair(dilation, op, "dilation"))
     if output_size is None:
         hw = tuple(input.shape[2:]) if isinstance(input, torch.Tensor) and input.dim() == 4 else (1, 1)
         output_size = _default_output_size(op, hw, weight, stride, padding, dilation)
@@ -122,17 +106,17 @@ def unpool_relu_deconv2d(grad: torch.Tensor, switches: torch.Tensor, weight: tor
     kernel that gathers, for each pooled value, the filter tap its switch selects: the reverse of
     conv -> relu -> maxpool. ``input_size`` is the pool's input (the conv's output)."""
     op = "unpool_relu_deconv2d"
-    kernel = _pair(op, "kernel_size", kernel_size)
-    stride = kernel if stride is None else _pair(op, "stride", stride)
+    kernel = checked_pair(kernel_size, op, "kernel_size")
+    stride = kernel if stride is None else checked_pair(stride, op, "stride")
     input_hw = _spatial_size(op, "input_size", input_size)
-    conv_stride, conv_padding, conv_dilation = (_pair(op, "conv_stride", conv_stride),
-                                                _pair(op, "conv_padding", conv_padding),
-                                                _pair(op, "conv_dilation", conv_dilation))
+    conv_stride, conv_padding, conv_dilation = (checked_pair(conv_stride, op, "conv_stride"),
+                                                checked_pair(conv_padding, op, "conv_padding"),
+                                                checked_pair(conv_dilation, op, "conv_dilation"))
     if output_size is None:
         output_size = _default_output_size(op, input_hw, weight, conv_stride, conv_padding, conv_dilation)
     return torch.ops.deconvcuda.unpool_relu_deconv2d(
-        grad, switches, weight, input_hw, kernel, stride, _pair(op, "padding", padding),
-        _pair(op, "dilation", dilation), conv_stride, conv_padding, conv_dilation, int(groups),
+        grad, switches, weight, input_hw, kernel, stride, checked_pair(padding, op, "padding"),
+        checked_pair(dilation, op, "dilation"), conv_stride, conv_padding, conv_dilation, int(groups),
         _spatial_size(op, "output_size", output_size), rule=rule, positive=positive)
 
 

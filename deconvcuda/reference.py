@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import rules
-from .geometry import deconv_min_output_size
+from .geometry import deconv_min_output_size, pair
 
 IntPair = Union[int, Sequence[int]]
 
@@ -17,10 +17,8 @@ __all__ = ["max_pool2d_switches", "unpool_relu", "deconv2d", "unpool_relu_deconv
 
 
 def _pair(value) -> Tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    value = tuple(value)
-    return tuple(value[-2:]) if len(value) == 4 else (value[0], value[1])
+    """A size argument as (height, width); a full [N, C, H, W] size gives its last two."""
+    return pair(tuple(value)[2:] if not isinstance(value, int) and len(value) == 4 else value)
 
 
 def _window_starts(pooled: int, stride: int, padding: int, device) -> torch.Tensor:

@@ -17,14 +17,11 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from .geometry import extent
+
 __all__ = ["Windows", "extent"]
 
 Pair = Tuple[int, int]
-
-
-def extent(kernel: Sequence[int], dilation: Sequence[int] = (1, 1)) -> Pair:
-    """The span in input positions of a (dilated) kernel."""
-    return tuple(dilation[i] * (kernel[i] - 1) + 1 for i in range(2))
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..checks import OutOfRangeError, check_images
+from ..geometry import checked_pair
 from .outputs import layer_list
 
 __all__ = ["occlusion", "most_probable_class", "occluder_grid", "occluded_images", "METHODS"]
@@ -29,21 +30,10 @@ Pair = Tuple[int, int]
 POSITIONS_PER_BATCH = 256
 
 
-def _pair(value, name: str, caller: str) -> Pair:
-    values = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-    try:
-        values = tuple(values)
-    except TypeError:
-        values = ()
-    if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-        raise ValueError(f"{caller}: {name} must be a positive int or a pair of them (height, width), got {value!r}")
-    return values
-
-
 def occluder_grid(image_size: Sequence[int], window, stride, caller: str = "occluder_grid") -> Tuple[Pair, Pair, Pair]:
     """(window, stride, (rows, columns)) of the occluder positions that lie wholly inside an image of
     ``image_size`` (height, width): corners at (i * stride_h, j * stride_w)."""
-    window, stride = _pair(window, "window", caller), _pair(stride, "stride", caller)
+    window, stride = checked_pair(window, caller, "window", minimum=1), checked_pair(stride, caller, "stride", minimum=1)
     height, width = int(image_size[0]), int(image_size[1])
     if window[0] > height or window[1] > width:
         raise ValueError(f"{caller}: the occluder window {window[0]}x{window[1]} is larger than the images "
