@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from . import ops, reference
 from .engine import project
-from .graph import LayerInfo, layers
+from .forward import LayerInfo, layers
 from .receptive_field import ReceptiveField, crop_patches, receptive_field
 from .scan import TopActivations, top_activations
 from . import data, models

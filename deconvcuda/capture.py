@@ -19,6 +19,8 @@ from typing import Dict, Iterator, List, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .checks import resolve_layer
+
 __all__ = ["evaluating", "capture"]
 
 
@@ -46,8 +48,6 @@ def capture(model: nn.Module, images, layers: Union[str, Sequence[str]], caller:
     returned as ``model_output`` (else None). Each output is the tensor the module returned (not a copy: under grad mode it is
     part of autograd's graph). Raises ValueError, prefixed with ``caller``, for a module the forward
     calls more than once or never, or that returns something other than one tensor."""
-    from .graph import resolve_layer
-
     names = [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
     names = list(dict.fromkeys(resolve_layer(model, layer, caller) for layer in names))
     wanted = [name for name in names if name]

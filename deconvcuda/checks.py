@@ -7,8 +7,10 @@ from __future__ import annotations
 import numbers
 
 import torch
+from torch import nn
 
-__all__ = ["OutOfRangeError", "DtypeError", "ArgumentError", "is_int", "check_images"]
+__all__ = ["OutOfRangeError", "DtypeError", "ArgumentError", "is_int", "check_images", "check_input_shape",
+           "resolve_layer"]
 
 
 class OutOfRangeError(IndexError, ValueError):
@@ -48,3 +50,32 @@ def check_images(images, caller: str, *, allow_empty: bool = True) -> torch.Tens
     if not allow_empty and images.shape[0] == 0:
         raise ValueError(f"{caller}: images holds no image; pass at least one")
     return images
+
+
+def check_input_shape(input_shape, caller: str):
+    """One image's shape, ``(C, H, W)`` (or any per-image shape the model takes) as a tuple of
+    positive ints."""
+    if isinstance(input_shape, torch.Size):
+        input_shape = tuple(input_shape)
+    if not isinstance(input_shape, (tuple, list)) or not input_shape or not all(is_int(s) and int(s) > 0
+                                                                                 for s in input_shape):
+        raise ArgumentError(f"{caller}: input_shape must be one image's shape, positive ints such as (3, 224, 224), "
+                            f"got {input_shape!r}")
+    return tuple(int(s) for s in input_shape)
+
+
+def resolve_layer(model: nn.Module, layer, caller: str) -> str:
+    """``layer`` as a name from ``model.named_modules()``; a module of the model is accepted too."""
+    if isinstance(layer, nn.Module):
+        for name, module in model.named_modules():
+            if module is layer:
+                return name
+        raise ValueError(f"{caller}: layer is a {type(layer).__name__} that is not a submodule of the model")
+    if not isinstance(layer, str):
+        raise TypeError(f"{caller}: layer must be a module name from model.named_modules(), got "
+                        f"{type(layer).__name__}")
+    names = [name for name, _ in model.named_modules()]
+    if layer not in names:
+        valid = ", ".join(repr(name) for name in names if name)
+        raise ValueError(f"{caller}: unknown layer {layer!r}; valid layer names (model.named_modules()): {valid}")
+    return layer

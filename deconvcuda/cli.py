@@ -176,7 +176,7 @@ def _parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParse
 def layers_command(args) -> int:
     """Print the nameable layers of ``--model``: name, kind, output shape, and which are defaults."""
     from . import models
-    from .graph import layers
+    from .forward import layers
 
     model = models.build(args.model, weights=args.weights)
     defaults = set(models.default_layers(model))

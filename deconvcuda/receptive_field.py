@@ -22,7 +22,6 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import kinds
 from .graph import Graph, Node, trace
 from .windows import Windows
 
@@ -68,10 +67,9 @@ def _whole_image(reason: str, input_size, layer: str) -> ReceptiveField:
 def _input_channels(graph: Graph) -> int:
     """A channel count the graph's first layers accept, for computing spatial sizes only."""
     for node in graph.input.consumers:
-        if isinstance(node.kind, kinds.Conv):
-            return node.kind.in_channels
-        if isinstance(node.kind, kinds.BatchNorm):
-            return node.kind.running_mean.numel()
+        channels = node.kind.input_channels()
+        if channels is not None:
+            return channels
     return 3
 
 
@@ -101,6 +99,8 @@ def receptive_field(model: nn.Module, layer, input_size: Optional[Sequence[int]]
             continue
         current = windows.pop(node)
         for source in node.inputs:
+            if not source.data:
+                continue
             grown = node.kind.field(current, None if shapes is None else shapes[source])
             if grown is None:
                 return _whole_image(f"after {node.describe()}", input_size, name)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from . import batches
-from .graph import trace
+from .forward import LayerForward
 
 __all__ = ["TopActivations", "top_activations", "model_device", "save_scan", "load_scan", "merge_scans"]
 
@@ -164,6 +164,8 @@ def _image_maxima(output: torch.Tensor, sync_free: Optional[bool] = None):
     [C, B] that is True where the map is NaN everywhere (nothing to rank). NaN counts as -inf, so
     it is never ranked; a map's first maximum in row-major order wins. ``sync_free``: never ask the
     device anything (default: everywhere but on the CPU)."""
+    if output.dim() == 3:  # tokens [B, T, D]: each feature over the tokens, y = the token, x = 0
+        output = output.transpose(1, 2).unsqueeze(3)
     if output.dim() == 2:  # flat [B, F]: the unit itself, at (0, 0)
         values = output.t()
         nan = torch.isnan(values)
@@ -517,7 +519,7 @@ def top_activations(model: nn.Module, data, layer=None, k: int = 9, *, layers=No
         raise ValueError(f"{caller}: checkpoint_every must be a number of seconds >= 0, got {checkpoint_every!r}")
     names, single = _layer_names(layer, layers, caller)
     shard_index, shard_count = _check_shard(shard, caller)
-    graph = trace(model, names, caller=caller)
+    graph = LayerForward(model, names, caller)  # the traced graph, or hooks where fx cannot trace
     source = batches.data_source(data, caller)
     if shard is not None and source.kind == "stream":
         raise ValueError(f"{caller}: shard= needs data that can be read in parts, a tensor or a map-style Dataset; "

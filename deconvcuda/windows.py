@@ -9,6 +9,9 @@ graph meet, the windows of the consumers are united. The same geometry gives ``r
     Windows(top, left, height, width).grow(extent, stride, padding)   # a conv/pool's input window
     windows.union(other)                                              # where two branches meet
     windows.crop(saved_rows, images) / windows.paste(g, size) / windows.embed(g, outer)
+
+Occlusion cones (``Cone``) are the forward's twin: per occluder position, the part of a map the
+occluder can change, carried from the input up through the layers.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch
 
 from .geometry import extent
 
-__all__ = ["Windows", "extent"]
+__all__ = ["Windows", "Cone", "extent"]
 
 Pair = Tuple[int, int]
 
@@ -148,3 +151,40 @@ class Windows:
         out = g.new_zeros(p, c, outer.height * outer.width)
         out.scatter_(2, flat[:, None, :].expand(p, c, flat.shape[1]), g.reshape(p, c, -1))
         return out.view(p, c, outer.height, outer.width)
+
+
+@dataclass
+class Cone:
+    """Per occluder position, the rows [top, bottom) and columns [left, right) of a map that an
+    occluder can change (empty where top >= bottom)."""
+
+    top: torch.Tensor
+    bottom: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
+
+    def empty(self) -> torch.Tensor:
+        return (self.top >= self.bottom) | (self.left >= self.right)
+
+    def union(self, other: "Cone") -> "Cone":
+        """Where branches meet: per position the box holding both (an empty cone adds nothing)."""
+        empty_self, empty_other = self.empty(), other.empty()
+
+        def merge(a, b, pick):
+            return torch.where(empty_self, b, torch.where(empty_other, a, pick(a, b)))
+
+        return Cone(merge(self.top, other.top, torch.minimum), merge(self.bottom, other.bottom, torch.maximum),
+                    merge(self.left, other.left, torch.minimum), merge(self.right, other.right, torch.maximum))
+
+    def through(self, kernel_extent: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                size: Sequence[int]) -> "Cone":
+        """The output cone of a conv or pool (kernel extent, stride, padding) whose input cone this is;
+        ``size``: its output (h, w). Output o reads inputs o * stride - padding + [0, extent): it
+        changes where that meets the cone."""
+        bounds = []
+        for axis, (low, high) in enumerate(((self.top, self.bottom), (self.left, self.right))):
+            s, p, e = stride[axis], padding[axis], kernel_extent[axis]
+            first = torch.div(low + p - e + s, s, rounding_mode="floor")  # ceil((low + p - e + 1) / s)
+            last = torch.div(high - 1 + p, s, rounding_mode="floor")
+            bounds += [first.clamp(0, size[axis]), (last + 1).clamp(0, size[axis])]
+        return Cone(*bounds)

@@ -287,8 +287,9 @@ def randomize_batch_norms(model: nn.Module, seed: int) -> nn.Module:
 
 def rule_seed_map(out: torch.Tensor, channel=None, position=None, neurons=None, seed: str = "value") -> torch.Tensor:
     """DESIGN's seed, shaped like ``out`` (one row per projection): the selected activations keep their
-    value (or 1), all else 0. ``channel`` alone picks each row's first maximum of that map, row-major;
-    with ``neurons``, row p of ``out`` belongs to neurons[p]."""
+    value (or 1), all else 0. ``channel`` alone picks each row's first maximum of that map, row-major
+    (of a token layer [N, T, D]: over the tokens of feature ``channel``; ``position`` is the token);
+    with ``neurons``, row p of ``out`` belongs to neurons[p] ((image, d, t, 0) for tokens)."""
     out = out.detach()
     if channel is None and neurons is None:
         return torch.ones_like(out) if seed == "one" else out.clone()
@@ -299,12 +300,15 @@ def rule_seed_map(out: torch.Tensor, channel=None, position=None, neurons=None, 
         channels = torch.full_like(rows, channel)
         if out.dim() == 2:
             ys = xs = torch.zeros_like(rows)
+        elif out.dim() == 3:  # tokens [N, T, D]: channel is the feature, position the token
+            ys = out[:, :, channel].argmax(dim=1) if position is None else torch.full_like(rows, position)
+            xs = torch.zeros_like(rows)
         elif position is None:
             strongest = out[:, channel].flatten(1).argmax(dim=1)
             ys, xs = strongest // out.shape[3], strongest % out.shape[3]
         else:
             ys, xs = torch.full_like(rows, position[0]), torch.full_like(rows, position[1])
-    index = (rows, channels) if out.dim() == 2 else (rows, channels, ys, xs)
+    index = {2: (rows, channels), 3: (rows, ys, channels)}.get(out.dim(), (rows, channels, ys, xs))
     g = torch.zeros_like(out)
     g[index] = 1.0 if seed == "one" else out[index]
     return g

@@ -230,14 +230,21 @@ class _GeluNet(nn.Module):
         return self.head(x + torch.nn.functional.gelu(self.mix(x)))
 
 
-def test_an_unsupported_function_in_a_graph_is_named():
+def test_a_function_outside_the_table_takes_its_gradient_or_strict_names_it():
+    torch.manual_seed(0)
+    model, images = _GeluNet().eval(), torch.randn(1, 3, 12, 12, dtype=torch.float64)
     with pytest.raises(ValueError) as raised:
-        deconvcuda.project(_GeluNet().eval(), torch.randn(1, 3, 12, 12), "head", channel=0)
+        deconvcuda.project(model, images, "head", channel=0, strict=True)
     message = str(raised.value)
-    for pattern in (r"F\.gelu", r"_GeluNet\.forward", r"layer 'head'", r"supported: .*ReLU"):
+    for pattern in (r"F\.gelu", r"_GeluNet\.forward", r"layer 'head'", r"supported: .*ReLU", r"strict=True"):
         assert re.search(pattern, message), f"{pattern!r} not in: {message}"
-    # a layer before the unsupported function is still fine
-    assert deconvcuda.project(_GeluNet().eval(), torch.randn(1, 3, 12, 12), "mix", channel=0).shape == (1, 3, 12, 12)
+    # a layer before the function is fine with strict=True
+    assert deconvcuda.project(model, images, "mix", channel=0, strict=True).shape == (1, 3, 12, 12)
+    # without strict, GELU takes its gradient: the oracle's
+    for rule in RULES:
+        expected = rule_oracle(model.double(), images, "head", channel=0, rule=rule)
+        actual = deconvcuda.project(model, images, "head", channel=0, rule=rule)
+        assert relative_error(actual, expected) < 1e-10, rule
 
 
 def test_build_knows_the_graph_families_and_their_default_layers():

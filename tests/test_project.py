@@ -894,17 +894,24 @@ UNSUPPORTED = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("name, middle, patterns", UNSUPPORTED, ids=[u[0] for u in UNSUPPORTED])
-def test_unsupported_layer_before_the_target_is_named(device, backend, name, middle, patterns):
+def test_ops_outside_the_table_take_their_gradient_or_strict_names_them(device, backend, name, middle, patterns):
+    """Without strict, an op outside the paper's table takes its exact gradient (the oracle's); with
+    strict=True it is refused, the message naming the op, where it sits and what is supported."""
     torch.manual_seed(5)
     model = UnsupportedNet(middle(), nn.Identity(), head_in=6).eval().to(device)
-    images = random_tensor((2, 3, 9, 9), device=device)
+    images = random_tensor((2, 3, 9, 9), dtype=torch.float64, device=device)
     with pytest.raises(ValueError) as raised:
-        deconvcuda.project(model, images, "head", channel=0, backend=backend)
+        deconvcuda.project(model, images, "head", channel=0, backend=backend, strict=True)
     message = str(raised.value)
-    for pattern in patterns:
+    for pattern in patterns + [r"strict=True"]:
         assert re.search(pattern, message), f"{name}: {pattern!r} not in the message: {message}"
-    # a layer before the unsupported one is still fine
-    assert deconvcuda.project(model, images, "stem.0", channel=0, backend=backend).abs().max() > 0
+    # a layer before the op is fine with strict=True too
+    assert deconvcuda.project(model, images, "stem.0", channel=0, backend=backend, strict=True).abs().max() > 0
+    model64 = copy.deepcopy(model).double().cpu()
+    for selection in ({"channel": 0}, {}):
+        truth = deconv_oracle(model64, images, "head", **selection)
+        result = deconvcuda.project(model, images, "head", backend=backend, **selection)
+        assert_projections_close(result, truth, rtol=1e-5, msg=f"{name} {selection}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

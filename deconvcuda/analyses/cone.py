@@ -25,59 +25,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kinds
+from ..capture import evaluating
 from ..graph import Node, trace
-from ..windows import Windows, extent
+from ..windows import Cone, Windows
 
-__all__ = ["OcclusionCones", "SPATIAL_KINDS", "POINTWISE_KINDS"]
-
-#: Layer kinds that read a kernel-sized window of their input; their geometry grows windows.
-SPATIAL_KINDS = (kinds.Conv, kinds.MaxPool, kinds.AvgPool)
-#: Layer kinds whose output at a position reads only their inputs at that position. Any other kind
-#: runs on whole maps, which is always right.
-POINTWISE_KINDS = (kinds.Rectifier, kinds.BatchNorm, kinds.LocalResponseNorm, kinds.Add, kinds.Cat)
+__all__ = ["OcclusionCones"]
 
 
-@dataclass
-class _Cone:
-    """Per occluder position, the rows [top, bottom) and columns [left, right) a node's output can
-    change in (empty where top >= bottom), or the whole map (``whole``)."""
-
-    top: torch.Tensor
-    bottom: torch.Tensor
-    left: torch.Tensor
-    right: torch.Tensor
-    whole: bool = False
-
-    def union(self, other: "_Cone") -> "_Cone":
-        if self.whole or other.whole:
-            return _Cone(self.top, self.bottom, self.left, self.right, whole=True)
-        # an empty cone adds nothing to the union
-        empty_self = (self.top >= self.bottom) | (self.left >= self.right)
-        empty_other = (other.top >= other.bottom) | (other.left >= other.right)
-        def merge(a, b, pick):
-            return torch.where(empty_self, b, torch.where(empty_other, a, pick(a, b)))
-        return _Cone(merge(self.top, other.top, torch.minimum), merge(self.bottom, other.bottom, torch.maximum),
-                     merge(self.left, other.left, torch.minimum), merge(self.right, other.right, torch.maximum))
+def _spatial(value_shape) -> bool:
+    """Whether a value input (its Constant) varies over a map's positions."""
+    value = value_shape.any()
+    return isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[-2:]) != (1, 1)
 
 
-def _through(kind, cone: _Cone, size: Sequence[int]) -> _Cone:
-    """The output cone of a conv or pool whose input cone is ``cone``; ``size``: its output (h, w).
-    Output o reads inputs o * stride - padding + [0, extent): it changes where that meets the cone."""
-    span = extent(kind.kernel_size, kind.dilation)
-    bounds = []
-    for axis, (low, high) in enumerate(((cone.top, cone.bottom), (cone.left, cone.right))):
-        stride, padding = kind.stride[axis], kind.padding[axis]
-        first = torch.div(low + padding - span[axis] + stride, stride, rounding_mode="floor")  # ceil((low+p-e+1)/s)
-        last = torch.div(high - 1 + padding, stride, rounding_mode="floor")
-        bounds += [first.clamp(0, size[axis]), (last + 1).clamp(0, size[axis])]
-    return _Cone(bounds[0], bounds[1], bounds[2], bounds[3])
-
-
-def _windows_holding(cone: _Cone, size: Sequence[int]) -> Optional[Windows]:
+def _windows_holding(cone: Optional[Cone], size: Sequence[int]) -> Optional[Windows]:
     """One window size for every position, each window inside the map and holding its cone; None
-    where that is the whole map."""
-    if cone.whole:
+    where that is the whole map (or the cone is: anywhere)."""
+    if cone is None:
         return None
     height = max(int((cone.bottom - cone.top).clamp_min(0).max()), 1)
     width = max(int((cone.right - cone.left).clamp_min(0).max()), 1)
@@ -87,24 +51,6 @@ def _windows_holding(cone: _Cone, size: Sequence[int]) -> Optional[Windows]:
     top = torch.minimum(cone.top.clamp_min(0), torch.full_like(cone.top, size[0] - height))
     left = torch.minimum(cone.left.clamp_min(0), torch.full_like(cone.left, size[1] - width))
     return Windows(top, left, height, width)
-
-
-def _padding_value(kind) -> float:
-    """What the layer reads outside its input map: -inf for max pools, zero for the rest."""
-    return float("-inf") if isinstance(kind, kinds.MaxPool) else 0.0
-
-
-def _avg_pool_divisors(kind, size: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    """[h, w] of what ``kind`` (an AvgPool) divides each window's sum by on an input of ``size``:
-    its own forward on ones against the sum of ones (count_include_pad, ceil_mode and
-    divisor_override all as the layer has them)."""
-    ones = torch.ones(1, 1, *size, dtype=torch.float64, device=like.device)
-    if kind.divisor_override:
-        averages = F.avg_pool2d(ones, kind.kernel_size, kind.stride, kind.padding, kind.ceil_mode)
-        return torch.full(averages.shape[2:], float(kind.divisor_override), dtype=like.dtype, device=like.device)
-    sums = F.avg_pool2d(ones, kind.kernel_size, kind.stride, kind.padding, kind.ceil_mode, True, 1)
-    averages = kind.forward(ones)
-    return (sums / averages)[0, 0].round().to(like.dtype)
 
 
 class OcclusionCones:
@@ -122,11 +68,10 @@ class OcclusionCones:
         """Make ``images`` the ones worked on: their unoccluded forward, keeping every node's output."""
         self.images = images
         self.base: Dict[Node, torch.Tensor] = {}
-        self._divisors: Dict[Node, torch.Tensor] = {}
         self._padded: Dict[Tuple[Node, Tuple[int, ...], float], torch.Tensor] = {}
         if images is None:
             return
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(self.graph.model):
             self.base[self.graph.input] = images
             for node in self.nodes[1:]:
                 self.base[node] = node.kind.forward(*(self.base[i] for i in node.inputs))
@@ -147,26 +92,25 @@ class OcclusionCones:
     # -- geometry, per occluder position -------------------------------------------------------- #
 
     def _windows(self, corners: torch.Tensor, window: Tuple[int, int]) -> Dict[Node, Optional[Windows]]:
-        """Each node's output windows over the occluder positions (None: the whole map)."""
+        """Each data node's output windows over the occluder positions (None: the whole map). Each
+        kind says where the occluder can change its output (its cone); once a cone is the whole map,
+        everything it feeds runs whole too."""
         top, left = corners[:, 0], corners[:, 1]
-        cones = {self.graph.input: _Cone(top, top + window[0], left, left + window[1])}
+        cones: Dict[Node, Optional[Cone]] = {self.graph.input: Cone(top, top + window[0], left, left + window[1])}
         windows = {self.graph.input: Windows(top, left, window[0], window[1])}
         for node in self.nodes[1:]:
+            if not node.data:
+                continue
             size = self.shapes[node][1:]
-            flat = len(size) != 2 or any(len(self.shapes[i]) != 3 for i in node.inputs)
-            if flat or not isinstance(node.kind, SPATIAL_KINDS + POINTWISE_KINDS) or any(
-                    cones[i].whole for i in node.inputs):  # once whole, whole from there on
-                cone = _Cone(top, top, left, left, whole=True)
-            elif isinstance(node.kind, SPATIAL_KINDS):
-                cone = _through(node.kind, cones[node.inputs[0]], size)
-            else:  # pointwise: the same positions; where branches meet, the union
-                cone = cones[node.inputs[0]]
-                for other in node.inputs[1:]:
-                    cone = cone.union(cones[other])
-            windows[node] = None if cone.whole else _windows_holding(cone, size)
-            if windows[node] is None:
-                cone = _Cone(top, top, left, left, whole=True)
-            cones[node] = cone
+            sources = [i for i in node.inputs if i.data]
+            maps = len(size) == 2 and all(len(self.shapes[i]) == 3 for i in sources)
+            if not maps or any(cones[i] is None for i in sources) or any(
+                    not i.data and _spatial(self.shapes[i]) for i in node.inputs):
+                cone = None  # a value with extent over the positions is read whole: the layer runs whole
+            else:
+                cone = node.kind.cone([cones[i] if i.data else None for i in node.inputs], size)
+            windows[node] = _windows_holding(cone, size)
+            cones[node] = None if windows[node] is None else cone
         return windows
 
     # -- reading a node's input on windows ------------------------------------------------------ #
@@ -224,25 +168,6 @@ class OcclusionCones:
         from_patch = patch_rows.index_select(0, flat.flatten()).view(-1, target.height, target.width, channels)
         return torch.where(inside[..., None], from_patch, out).permute(0, 3, 1, 2)
 
-    # -- one node on windows -------------------------------------------------------------------- #
-
-    def _forward_window(self, node: Node, x: torch.Tensor, windows: Windows, rows: torch.Tensor) -> torch.Tensor:
-        """A conv or pool on its grown input window ``x`` (padding already in it): no padding."""
-        kind = node.kind
-        if isinstance(kind, kinds.Conv):
-            return F.conv2d(x, kind.cast(kind.weight, x), kind.cast(kind.bias, x), kind.stride, 0, kind.dilation,
-                            kind.groups)
-        if isinstance(kind, kinds.MaxPool):
-            return F.max_pool2d(x, kind.kernel_size, kind.stride, 0, kind.dilation)
-        # AvgPool: window sums over the divisors the layer uses at those outputs
-        sums = F.avg_pool2d(x, kind.kernel_size, kind.stride, 0, False, True, 1)
-        if node not in self._divisors:
-            self._divisors[node] = _avg_pool_divisors(kind, self.base[node.inputs[0]].shape[2:], x)
-        divisors = self._divisors[node].to(x.dtype)
-        out_rows = windows.top[rows][:, None] + torch.arange(windows.height, device=x.device)
-        out_cols = windows.left[rows][:, None] + torch.arange(windows.width, device=x.device)
-        return sums / divisors[out_rows[:, :, None], out_cols[:, None, :]][:, None]
-
     # -- the values ----------------------------------------------------------------------------- #
 
     def values(self, images: torch.Tensor, corners: torch.Tensor, window: Tuple[int, int], fill: torch.Tensor,
@@ -262,7 +187,7 @@ class OcclusionCones:
         results = []
         bar = tqdm(total=images.shape[0] * n_positions, desc="occlusion", unit="position", disable=not progress)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), evaluating(self.graph.model):
                 for first in range(0, images.shape[0], per_group):
                     group = images[first:first + per_group]
                     if method == "recompute":
@@ -272,7 +197,7 @@ class OcclusionCones:
                         self._use(group)
                         windows = self._windows(corners, window)
                         grown = {node: node.kind.grow(windows[node]) for node in self.nodes[1:]
-                                 if windows[node] is not None and isinstance(node.kind, SPATIAL_KINDS)}
+                                 if node.data and windows[node] is not None and not node.kind.pointwise}
                     total = group.shape[0] * n_positions
                     for start in range(0, total, batch_size):
                         index = torch.arange(start, min(start + batch_size, total), device=images.device)
@@ -307,15 +232,20 @@ class OcclusionCones:
         patches: Dict[Node, torch.Tensor] = {self.graph.input: fill_patch.to(self.images.dtype)}
         for node in self.nodes[1:]:
             kind = node.kind
-            if windows[node] is None:  # the whole map, with the layer's own forward
-                inputs = [self._read(i, patches[i], windows[i], rows, images, None, 0.0) for i in node.inputs]
+            if not node.data:  # a value: as in the unoccluded forward
+                patches[node] = self.base[node]
+            elif windows[node] is None:  # the whole map, with the layer's own forward
+                inputs = [self._read(i, patches[i], windows.get(i), rows, images, None, 0.0) if i.data
+                          else self.base[i] for i in node.inputs]
                 patches[node] = kind.forward(*inputs)
-            elif isinstance(kind, SPATIAL_KINDS):
-                x = self._read(node.inputs[0], patches[node.inputs[0]], windows[node.inputs[0]], rows, images,
-                               grown[node], _padding_value(kind))
-                patches[node] = self._forward_window(node, x, windows[node], rows)
-            else:  # pointwise: the input on the same windows
-                inputs = [self._read(i, patches[i], windows[i], rows, images, windows[node], 0.0) for i in node.inputs]
+            elif not kind.pointwise:  # a conv or pool: its input on the grown window, padding read there
+                source = node.inputs[0]
+                x = self._read(source, patches[source], windows[source], rows, images, grown[node],
+                               kind.padding_value)
+                patches[node] = kind.forward_unpadded(x, windows[node], rows, self.base[source].shape[2:])
+            else:  # pointwise: the inputs on the same windows
+                inputs = [self._read(i, patches[i], windows[i], rows, images, windows[node], 0.0) if i.data
+                          else self.base[i] for i in node.inputs]
                 patches[node] = kind.forward(*inputs)
             for i in node.inputs:  # free what nothing reads any more
                 remaining[i] -= 1

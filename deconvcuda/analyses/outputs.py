@@ -27,7 +27,7 @@ def as_list(value, single, what: str, caller: str) -> list:
 
 def layer_list(model: nn.Module, layers: Union[str, Sequence[str]], caller: str) -> List[str]:
     """``layers`` as a non-empty list of names from ``model.named_modules()`` ("" is the model's output)."""
-    from ..graph import resolve_layer
+    from ..checks import resolve_layer
 
     layers = as_list(layers, (str, nn.Module), "layers (a layer name or a list of them)", caller)
     return list(dict.fromkeys(resolve_layer(model, layer, caller) for layer in layers))
@@ -35,8 +35,6 @@ def layer_list(model: nn.Module, layers: Union[str, Sequence[str]], caller: str)
 
 def layer_outputs(model: nn.Module, images: torch.Tensor, layers: Sequence[str], caller: str) -> Dict[str, torch.Tensor]:
     """{layer: its output on ``images``}, from one forward in eval semantics without autograd."""
-    from ..graph import trace
+    from ..forward import LayerForward
 
-    graph = trace(model, list(layers), caller=caller)
-    with torch.no_grad():
-        return graph.run(images)
+    return LayerForward(model, list(layers), caller).run(images)

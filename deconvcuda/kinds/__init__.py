@@ -1,32 +1,41 @@
-"""Layer kinds: one class per kind of layer, each knowing its recognition, shape, forward, reverse per
-rule and window growth. Importing this package registers them all with the graph reader."""
-from .base import FUNCTION_KINDS, METHOD_KINDS, MODULE_KINDS, At, Call, Keeper, Kind, register
+"""Layer kinds: one class per kind of layer, each knowing its recognition, shape, forward, reverse,
+window growth and occlusion cone. Importing this package registers them all with the graph reader;
+a call no kind recognises is a ``General`` node (its exact gradient by autograd)."""
+from .base import (FUNCTION_KINDS, KINDS, METHOD_KINDS, MODULE_KINDS, At, Call, Constant, Keeper, Kind, NotNative,
+                   Unrepresentable, is_shape, register)
+from .general import General, Nested, Ref, Template, Value
+from .pointwise import Pointwise
 from .activations import ReLU, ReLU6, Rectifier
 from .conv import Conv
+from .elementwise import Elementwise
 from .linear import Linear
-from .normalization import LRN_MODES, BatchNorm, LocalResponseNorm
+from .normalization import LRN_MODES, BatchNorm, LayerNorm, LocalResponseNorm
 from .pooling import AdaptiveAvgPool, AvgPool, MaxPool, SpatialMean
-from .structure import Add, Cat, Flatten, Identity
+from .shaping import Cat, Interpolate, LinearCall, Pad, Permute, Reshape, Split
+from .structure import Identity
 
-__all__ = ["Kind", "register", "Call", "At", "Keeper", "LRN_MODES", "MODULE_KINDS",
-           "FUNCTION_KINDS", "METHOD_KINDS", "Conv", "ReLU", "ReLU6", "Rectifier", "MaxPool", "AvgPool",
-           "AdaptiveAvgPool", "SpatialMean", "BatchNorm", "LocalResponseNorm", "Linear", "Identity", "Flatten",
-           "Add", "Cat"]
+__all__ = ["Kind", "register", "Call", "At", "Keeper", "Constant", "NotNative", "Unrepresentable", "is_shape",
+           "LRN_MODES", "MODULE_KINDS", "FUNCTION_KINDS", "METHOD_KINDS", "KINDS", "General", "Value", "Template",
+           "Ref", "Nested", "Pointwise", "Conv", "ReLU", "ReLU6", "Rectifier", "MaxPool", "AvgPool", "AdaptiveAvgPool",
+           "SpatialMean", "BatchNorm", "LayerNorm", "LocalResponseNorm", "Linear", "Identity", "Reshape", "Permute",
+           "Cat", "LinearCall", "Pad", "Interpolate", "Split", "Elementwise", "supported", "function_name"]
 
 
-def supported() -> str:
-    """What the graph reader recognises, for error messages."""
+def supported(paper_only: bool = False) -> str:
+    """What the graph reader recognises natively (``paper_only``: the kinds ``strict=True`` keeps), for
+    error messages: every registered kind with its forms."""
     names = []
-    for kind in [Conv, ReLU, ReLU6, MaxPool, AvgPool, AdaptiveAvgPool, SpatialMean, BatchNorm, LocalResponseNorm,
-                 Linear, Flatten, Add, Cat, Identity]:
-        forms = [t.__name__ for t in kind.modules] + [_function_name(f) for f in kind.functions] + \
+    for kind in KINDS:
+        if paper_only and not kind.paper:
+            continue
+        forms = [t.__name__ for t in kind.modules] + [function_name(f) for f in kind.functions] + \
                 [f"Tensor.{m}" for m in kind.methods]
         forms = list(dict.fromkeys(forms))  # F.conv2d is torch.conv2d
         names.append(f"{kind.name} ({', '.join(forms)})")
     return "; ".join(names)
 
 
-def _function_name(function) -> str:
+def function_name(function) -> str:
     """How a user writes ``function``: ``F.gelu`` (also for builtins such as torch._C._nn.gelu),
     ``torch.cat``, ``operator.mul``, ``+``."""
     import operator

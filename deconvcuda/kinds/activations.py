@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Kind, register
+from .pointwise import Pointwise
 
 __all__ = ["Rectifier", "ReLU", "ReLU6"]
 
@@ -17,6 +18,9 @@ __all__ = ["Rectifier", "ReLU", "ReLU6"]
 class Rectifier(Kind):
     """A rectifier: its reverse is the rule's ``rectifier``; subclasses say how the forward and its
     pass-through mask are computed."""
+
+    pointwise = True
+    reversal = "rule"
 
     def pass_through(self, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -39,7 +43,7 @@ class Rectifier(Kind):
 class ReLU(Rectifier):
     name = "ReLU"
     modules = (nn.ReLU,)
-    functions = (F.relu, torch.relu, torch.relu_)
+    functions = (F.relu, F.relu_, torch.relu, torch.relu_)
     methods = ("relu", "relu_")
 
     def forward(self, x):
@@ -53,20 +57,20 @@ class ReLU(Rectifier):
 class ReLU6(Rectifier):
     name = "ReLU6"
     modules = (nn.ReLU6, nn.Hardtanh)
-    functions = (F.relu6, F.hardtanh)
+    functions = (F.relu6, F.hardtanh, F.hardtanh_)
     arguments = ("input", "min_val", "max_val")
 
     @classmethod
     def from_module(cls, module, call):
+        """hardtanh(0, 6) is ReLU6; any other Hardtanh is a pointwise activation reversed by its gradient."""
         if isinstance(module, nn.Hardtanh) and (module.min_val, module.max_val) != (0.0, 6.0):
-            call.fail(f"is a Hardtanh({module.min_val}, {module.max_val}); only hardtanh(0, 6), which is ReLU6, "
-                      "is supported")
+            return Pointwise.from_module(module, call)
         return super().from_module(module, call)
 
     @classmethod
     def from_call(cls, call):
-        if call.node.target is F.hardtanh and (call.get("min_val", -1.0), call.get("max_val", 1.0)) != (0.0, 6.0):
-            call.fail("is a hardtanh other than hardtanh(0, 6) (ReLU6); only ReLU6 is supported")
+        if call.node.target is not F.relu6 and (call.get("min_val", -1.0), call.get("max_val", 1.0)) != (0.0, 6.0):
+            return Pointwise.from_call(call)
         return super().from_call(call)
 
     def forward(self, x):

@@ -3,28 +3,37 @@ their reverses run in.
 
 A kind is ONE class that knows everything about one kind of layer: how it is recognised (its module
 types, functions and Tensor methods, and how their arguments read), its output shape, its forward
-(and what the reverse needs kept from it), its reverse for each rule, and how it grows a
-receptive-field window. Adding a kind is one class with ``@register``; rules live in deconvcuda.rules.
+(and what the reverse needs kept from it), its reverse, how it grows a receptive-field window and
+an occlusion cone, and how ``describe`` and ``strict=True`` see it. Adding a kind is one class with
+``@register`` (and one sample in tests/test_kinds.py); how rectifiers are reversed is the rule's
+business (deconvcuda.rules).
+
+Inputs of a node are the graph nodes its call reads: data (computed from the images, and reversed)
+and values (computed from parameters and shapes only: a parameter, ``x.size(0)``, a class token
+expanded to the batch). A value's per-image "shape" is a ``Constant`` holding what it is at the
+shape pass's nominal batch sizes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 
+from ..geometry import pair
 from ..rules import Rule
-from ..windows import Windows
+from ..windows import Cone, Windows
 
-__all__ = ["Kind", "register", "Call", "At", "Keeper", "MODULE_KINDS", "FUNCTION_KINDS", "METHOD_KINDS",
-           "Shape", "pair", "numel"]
+__all__ = ["Kind", "register", "Call", "At", "Keeper", "MODULE_KINDS", "FUNCTION_KINDS", "METHOD_KINDS", "KINDS",
+           "Shape", "Constant", "Unrepresentable", "NotNative", "pair", "numel", "vjp", "linear_vjp", "is_shape"]
 
-Shape = Tuple[int, ...]  # one image's shape: (C, H, W) or (F,)
-Pair = Tuple[int, int]
+Shape = Tuple[int, ...]  # one image's shape: (C, H, W), (T, D) or (F,)
 
 MODULE_KINDS: Dict[type, Type["Kind"]] = {}
 FUNCTION_KINDS: Dict[Callable, Type["Kind"]] = {}
 METHOD_KINDS: Dict[str, Type["Kind"]] = {}
+#: Every registered kind, in registration order.
+KINDS: List[Type["Kind"]] = []
 
 
 def register(kind: Type["Kind"]) -> Type["Kind"]:
@@ -35,14 +44,33 @@ def register(kind: Type["Kind"]) -> Type["Kind"]:
         FUNCTION_KINDS[function] = kind
     for method in kind.methods:
         METHOD_KINDS[method] = kind
+    KINDS.append(kind)
     return kind
 
 
-def pair(value) -> Pair:
-    if isinstance(value, int):
-        return (value, value)
-    value = tuple(value)
-    return (value[0], value[0]) if len(value) == 1 else (value[0], value[1])
+class Unrepresentable(ValueError):
+    """The graph reader cannot represent this part of the model as nodes of per-image tensors (the
+    batch moves from dim 0, a tuple of tensors is passed on whole, ...). ``project`` and the others
+    then take the autograd path, which is exact for every model."""
+
+
+class NotNative(Exception):
+    """Raised by a kind's recognition for a form it does not reverse natively (``Call.unsupported``)."""
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A value input's stand-in in the shape pass: what it is at each nominal batch size."""
+
+    at_batch: Dict[int, Any] = field(hash=False, compare=False)
+
+    def any(self) -> Any:
+        return next(iter(self.at_batch.values()))
+
+
+def is_shape(shape) -> bool:
+    """Whether an input's shape entry is a data input's per-image shape (not a Constant)."""
+    return not isinstance(shape, Constant)
 
 
 def numel(shape: Sequence[int]) -> int:
@@ -52,9 +80,38 @@ def numel(shape: Sequence[int]) -> int:
     return n
 
 
+def vjp(function: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], g: torch.Tensor,
+        wide: bool = False) -> List[Optional[torch.Tensor]]:
+    """The vector-Jacobian product of ``function`` at ``inputs`` (a list of tensors, None where an
+    argument needs no gradient) with cotangent ``g``: autograd's, the op's exact gradient. ``wide``
+    computes in float32 for float16/bfloat16 (ops without half kernels on the CPU), rounded back."""
+    dtype = g.dtype
+    compute = torch.promote_types(dtype, torch.float32) if wide else dtype
+    with torch.enable_grad():
+        leaves = [None if x is None else x.detach().to(compute).requires_grad_(True) for x in inputs]
+        out = function(*leaves)
+        wanted = [x for x in leaves if x is not None]
+        grads = torch.autograd.grad(out, wanted, g.to(compute), allow_unused=True)
+    grads = iter(grads)
+    result = []
+    for x in leaves:
+        if x is None:
+            result.append(None)
+            continue
+        grad = next(grads)
+        result.append(torch.zeros_like(x, dtype=dtype) if grad is None else grad.to(dtype))
+    return result
+
+
+def linear_vjp(function: Callable[[torch.Tensor], torch.Tensor], in_shape, g: torch.Tensor) -> torch.Tensor:
+    """The gradient of a linear ``function`` (pools, means, pads, slices) at any point: autograd at
+    zeros of the per-image ``in_shape``, for g's batch."""
+    return vjp(function, [g.new_zeros((g.shape[0],) + tuple(in_shape))], g)[0]
+
+
 class Call:
     """A function or method call being recognised: its arguments by name, and what the graph reader
-    needs back (which arguments are the data inputs). Kinds read it in ``from_call``."""
+    needs back (which fx nodes the node reads). Kinds read it in ``from_call``."""
 
     def __init__(self, reader, node, names: Sequence[str]):
         self.reader, self.node = reader, node
@@ -79,17 +136,40 @@ class Call:
             self.inputs.append(self.reader.data_input(self.node, item))
         return self.inputs[-len(items):]
 
+    def is_data(self, value) -> bool:
+        """Whether ``value`` (an argument) is computed from the images."""
+        return self.reader.is_data(value)
+
+    def operand(self, value) -> Any:
+        """An argument that may be data, a value computed in the forward (a graph node) or a literal:
+        returns ``("input", i)`` for the i-th input (declared here), or ``("literal", value)``."""
+        if self.reader.is_node(value):
+            self.inputs.append(value)
+            return ("input", len(self.inputs) - 1)
+        return ("literal", value)
+
+    def template(self):
+        """The whole call, re-playable on the node's inputs: every graph node among its arguments
+        (data or value, however deeply nested) becomes an input, in order."""
+        return self.reader.template_of(self.node, self.inputs)
+
     def parameter(self, name: str, optional: bool = False) -> Optional[torch.Tensor]:
         return self.reader.parameter(self.node, self.args.get(name), name, optional)
 
     def fail(self, problem: str):
+        """A call that cannot be projected in any way (it reads no images, or another input)."""
         self.reader.fail(self.node, problem)
+
+    def unsupported(self, problem: str):
+        """A form this kind does not reverse natively: the call then takes its gradient as a general
+        op (or, with strict=True, is refused with ``problem``)."""
+        raise NotNative(problem)
 
 
 class Keeper:
     """What a forward that feeds a reverse keeps: each kind asks it for the kernels and the rule, and
-    stores what its reverse reads channels-last ([N, H, W, C]), so that any projection's window of
-    it is a gather of contiguous rows."""
+    stores what its reverse reads. Maps [N, C, H, W] are kept channels-last ([N, H, W, C]), so that any
+    projection's window of them is a gather of contiguous rows."""
 
     def __init__(self, kernels, rule: Rule, lrn: str):
         self.kernels, self.rule, self.lrn = kernels, rule, lrn
@@ -97,17 +177,19 @@ class Keeper:
 
     @staticmethod
     def rows(t: torch.Tensor) -> torch.Tensor:
-        """[N, C, H, W] -> [N, H, W, C] contiguous (one row of C values per image position)."""
-        return t.permute(0, 2, 3, 1).contiguous()
+        """[N, C, H, W] -> [N, H, W, C] contiguous (one row of C values per image position); other
+        tensors are kept as they are."""
+        return t.permute(0, 2, 3, 1).contiguous() if t.dim() == 4 else t
 
 
 @dataclass
 class At:
     """Where a reverse runs: the node's shapes, what its forward kept, the projections of this chunk
     (``images``: each one's row of the forward batch), their windows of the node's OUTPUT (None for
-    full maps), and the options of the call."""
+    full maps), the options of the call, and the node's value inputs at this chunk's batch (None where
+    an input is data, or its forward value serves)."""
 
-    in_shapes: List[Shape]
+    in_shapes: List[Any]
     out_shape: Shape
     saved: Any
     images: torch.Tensor
@@ -115,10 +197,20 @@ class At:
     rule: Rule
     lrn: str
     kernels: Any
+    values: Optional[List[Any]] = None
+
+    def value(self, index: int, kept: Any) -> Any:
+        """Value input ``index`` for this chunk: recomputed for its batch where it depends on the
+        batch size, else ``kept`` (what the forward had)."""
+        if self.values is not None and self.values[index] is not None:
+            return self.values[index]
+        return kept
 
     def map_of(self, saved: torch.Tensor, windows: Optional[Windows] = "output") -> torch.Tensor:
-        """A kept channels-last map as [P, C, h, w] aligned with the gradient: the projections' images,
-        cropped to ``windows`` (default: the output windows) or whole."""
+        """A kept tensor aligned with the gradient: the projections' images, a map [N, H, W, C] as
+        [P, C, h, w] cropped to ``windows`` (default: the output windows) or whole."""
+        if saved.dim() != 4:
+            return saved.index_select(0, self.images)
         windows = self.windows if windows == "output" else windows
         if windows is None:
             return saved.index_select(0, self.images).permute(0, 3, 1, 2)
@@ -140,6 +232,17 @@ class Kind:
     identity: ClassVar[bool] = False
     #: Whether the reverse can run on receptive-field windows (False: it mixes every position).
     windowed: ClassVar[bool] = True
+    #: Whether the output at a position reads only the inputs at that position (activations,
+    #: normalisations over channels, additions): occlusion cones and fields pass through unchanged.
+    pointwise: ClassVar[bool] = False
+    #: What the layer reads outside its input map (occlusion windows): zero padding for most.
+    padding_value: ClassVar[float] = 0.0
+    #: How the reverse is computed, for ``describe``: "kernel" (a native kernel), "rule" (the
+    #: rectifiers) or "gradient" (the layer's exact gradient).
+    reversal: ClassVar[str] = "gradient"
+    #: Whether the kind is one of the paper's reverse operations (DESIGN.md's table), which
+    #: ``strict=True`` keeps; an instance may narrow it (``in_table``).
+    paper: ClassVar[bool] = True
 
     # -- recognition ------------------------------------------------------------------------------ #
 
@@ -153,9 +256,28 @@ class Kind:
         call.data("input")
         return cls()
 
+    def input_channels(self):
+        """The channel count this layer takes, where it fixes one (a conv's in_channels), else None:
+        how the engine tells the user what images the model expects."""
+        return None
+
+    def fused_chain(self, node, targets) -> list:
+        """The nodes below ``node`` whose reverse one native kernel call does with its own (a max pool's
+        ReLU and conv), where nothing else needs their gradients; [] for most kinds."""
+        return []
+
+    def outside_table(self):
+        """Why this layer, as called, is not one of the paper's reverse operations (DESIGN.md's table,
+        all ``strict=True`` keeps), or None where it is one."""
+        return None if self.paper else "is not one of the paper's reverse operations"
+
+    def describe_reverse(self, rule: Rule) -> str:
+        """How ``describe`` says this layer is reversed under ``rule``."""
+        return {"kernel": "native kernel", "rule": f"the rule ({rule.name})"}.get(self.reversal, "its gradient")
+
     # -- shape and forward ------------------------------------------------------------------------ #
 
-    def output_shape(self, *shapes: Shape) -> Shape:
+    def output_shape(self, *shapes) -> Shape:
         return shapes[0]
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -168,26 +290,57 @@ class Kind:
     # -- reverse ---------------------------------------------------------------------------------- #
 
     def reverse(self, g: torch.Tensor, at: At) -> List[Optional[torch.Tensor]]:
-        """The gradient at each input from ``g`` at the output, under ``at.rule``; on windows when
-        ``at.windows`` is set (then each input's window is ``grow(at.windows)``)."""
+        """The gradient at each input from ``g`` at the output (None for value inputs); on windows
+        when ``at.windows`` is set (then input i's window is ``input_windows(...)[i]``)."""
         raise NotImplementedError(f"{type(self).__name__}.reverse")
 
     def grow(self, windows: Windows) -> Windows:
         """The input windows that the output ``windows`` read (pointwise kinds: the same)."""
         return windows
 
+    def input_windows(self, windows: Windows, in_shapes: Sequence[Any]) -> List[Optional[Windows]]:
+        """Each input's windows for the output ``windows`` (None: that input's gradient is a whole
+        map, as for an operand broadcast over the positions)."""
+        grown = self.grow(windows)
+        return [grown if is_shape(shape) else None for shape in in_shapes]
+
     def field(self, windows: Windows, in_shape: Optional[Shape]) -> Optional[Windows]:
         """The input windows for receptive fields (``in_shape``: the input's per-image shape, where
         known); None where every output position sees the whole input."""
         return self.grow(windows) if self.windowed else None
 
+    # -- occlusion -------------------------------------------------------------------------------- #
+
+    def cone(self, cones: Sequence[Optional[Cone]], size: Sequence[int]) -> Optional[Cone]:
+        """Where an occluder can change the output (``size``: its (h, w)), from where it changed each
+        input (None for a value input or a whole map). None: anywhere (the layer then runs whole)."""
+        if not self.pointwise:
+            return None
+        changed = [cone for cone in cones if cone is not None]
+        if not changed:
+            return None
+        cone = changed[0]
+        for other in changed[1:]:
+            cone = cone.union(other)
+        return cone
+
+    def forward_unpadded(self, x: torch.Tensor, windows: Windows, rows: torch.Tensor, in_size) -> torch.Tensor:
+        """The forward on an input window ``x`` that already holds the layer's padding (kinds that are
+        not pointwise but have a cone): ``windows`` are its output windows per occluder position,
+        ``rows`` each batch row's position, ``in_size`` the input map's (h, w)."""
+        raise NotImplementedError(f"{type(self).__name__}.forward_unpadded")
+
     # -- helpers ---------------------------------------------------------------------------------- #
 
     def cast(self, tensor: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
         """A parameter in ``like``'s dtype and device, converted once per kind object (one per traced
-        graph) and dtype/device; the model's own tensor is never written."""
+        graph) and dtype/device; the model's own tensor is never written (and, where it already has
+        that dtype and device, it is the model's tensor itself, so the forward computes what the
+        model does)."""
         if tensor is None:
             return None
+        if tensor.dtype == like.dtype and tensor.device == like.device:
+            return tensor.detach()
         cache = self.__dict__.setdefault("_cast_cache", {})
         key = (id(tensor), like.dtype, like.device)
         if key not in cache:
@@ -198,4 +351,4 @@ class Kind:
     def need_spatial(shape: Shape) -> None:
         """Shape errors are raised without the node's name: the graph reader adds it."""
         if len(shape) != 3:
-            raise ValueError(f"needs a [N, C, H, W] input, got a flat [N, {shape[0]}] one")
+            raise ValueError(f"needs a [N, C, H, W] input, got [N, {', '.join(map(str, shape))}]")

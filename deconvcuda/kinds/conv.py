@@ -1,4 +1,5 @@
-"""Conv2d: forward by F.conv2d; reverse by the transposed convolution of the same (tied) filters."""
+"""Conv2d: forward by F.conv2d as the model calls it; reverse by the transposed convolution of the same
+(tied) filters."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..geometry import conv_output_size
-from ..windows import extent
-from .base import Kind, pair, register
+from ..geometry import conv_output_size, extent, pair
+from .base import Kind, register
 
 __all__ = ["Conv"]
 
@@ -20,27 +20,36 @@ class Conv(Kind):
     modules = (nn.Conv2d,)
     functions = (F.conv2d, torch.conv2d)
     arguments = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    reversal = "kernel"
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation, groups: int):
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation, groups: int,
+                 padding_argument=None):
         self.weight, self.bias = weight, bias  # the model's own tensors, by reference
         self.stride, self.padding, self.dilation, self.groups = pair(stride), pair(padding), pair(dilation), groups
+        # the forward passes the padding as the model does ("same" included), so it computes the same
+        self.padding_argument = self.padding if padding_argument is None else padding_argument
 
     @classmethod
     def from_module(cls, module, call):
         if module.padding_mode != "zeros":
-            call.fail(f"pads with padding_mode={module.padding_mode!r}; only zero padding is supported")
+            call.unsupported(f"pads with padding_mode={module.padding_mode!r}; only zero padding is reversed natively")
         call.data("input")
         return cls(module.weight, module.bias, module.stride,
-                   _padding(call, module.padding, module.kernel_size, module.dilation), module.dilation, module.groups)
+                   _padding(call, module.padding, module.kernel_size, module.dilation), module.dilation, module.groups,
+                   module.padding)
 
     @classmethod
     def from_call(cls, call):
         call.data("input")
         weight = call.parameter("weight")
         dilation = call.get("dilation", 1)
+        padding = call.get("padding", 0)
         return cls(weight, call.parameter("bias", optional=True), call.get("stride", 1),
-                   _padding(call, call.get("padding", 0), tuple(weight.shape[2:]), dilation), dilation,
-                   int(call.get("groups", 1)))
+                   _padding(call, padding, tuple(weight.shape[2:]), dilation), dilation, int(call.get("groups", 1)),
+                   padding)
+
+    def describe_reverse(self, rule):
+        return "native kernel (deconv2d: the transposed convolution of the same filters)"
 
     @property
     def kernel_size(self):
@@ -49,6 +58,9 @@ class Conv(Kind):
     @property
     def in_channels(self) -> int:
         return self.weight.shape[1] * self.groups
+
+    def input_channels(self):
+        return self.in_channels
 
     def output_shape(self, shape):
         self.need_spatial(shape)
@@ -62,11 +74,19 @@ class Conv(Kind):
         return (self.weight.shape[0],) + size
 
     def forward(self, x):
-        return F.conv2d(x, self.cast(self.weight, x), self.cast(self.bias, x), self.stride, self.padding,
+        return F.conv2d(x, self.cast(self.weight, x), self.cast(self.bias, x), self.stride, self.padding_argument,
                         self.dilation, self.groups)
+
+    def forward_unpadded(self, x, windows=None, rows=None, in_size=None):
+        return F.conv2d(x, self.cast(self.weight, x), self.cast(self.bias, x), self.stride, 0, self.dilation,
+                        self.groups)
 
     def grow(self, windows):
         return windows.grow(extent(self.kernel_size, self.dilation), self.stride, self.padding)
+
+    def cone(self, cones, size):
+        return None if cones[0] is None else cones[0].through(extent(self.kernel_size, self.dilation), self.stride,
+                                                               self.padding, size)
 
     def reverse(self, g, at):
         weight = self.cast(self.weight, g)
@@ -84,7 +104,7 @@ def _padding(call, padding, kernel_size, dilation):
     if padding == "same":
         total = [pair(dilation)[i] * (pair(kernel_size)[i] - 1) for i in range(2)]
         if any(t % 2 for t in total):
-            call.fail("uses padding='same' with an even kernel extent, which pads asymmetrically; only symmetric "
-                      "zero padding is supported")
+            call.unsupported("uses padding='same' with an even kernel extent, which pads asymmetrically; only "
+                             "symmetric zero padding is reversed natively")
         return (total[0] // 2, total[1] // 2)
     return pair(padding)

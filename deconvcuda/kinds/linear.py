@@ -1,4 +1,5 @@
-"""Linear: forward F.linear; reverse W^T g."""
+"""Linear: forward F.linear (over the last dim, so also on tokens [N, T, D] and channels-last maps);
+reverse W^T g."""
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -31,11 +32,10 @@ class Linear(Kind):
         return cls(call.parameter("weight"), call.parameter("bias", optional=True))
 
     def output_shape(self, shape):
-        if len(shape) != 1:
-            raise ValueError(f"needs a flat [N, F] input, got [N, {', '.join(map(str, shape))}]")
-        if shape[0] != self.weight.shape[1]:
-            raise ValueError(f"expects {self.weight.shape[1]} input features, got {shape[0]}")
-        return (self.weight.shape[0],)
+        if len(shape) < 1 or shape[-1] != self.weight.shape[1]:
+            raise ValueError(f"expects {self.weight.shape[1]} input features in its last dim, got "
+                             f"[N, {', '.join(map(str, shape))}]")
+        return tuple(shape[:-1]) + (self.weight.shape[0],)
 
     def forward(self, x):
         return F.linear(x, self.cast(self.weight, x), self.cast(self.bias, x))

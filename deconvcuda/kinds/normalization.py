@@ -1,38 +1,62 @@
-"""BatchNorm2d in eval mode (reverse: g * gamma / sqrt(var + eps)) and LocalResponseNorm (its true
-gradient, or the identity with ``lrn="identity"``, Caffe's deconv_ignore)."""
+"""Normalisations. BatchNorm in eval (every form: the modules, ``F.batch_norm``, timm's BatchNormAct):
+reverse ``g * gamma / sqrt(var + eps)`` per channel. LayerNorm (the module, ``F.layer_norm``, and so
+torchvision's and timm's LayerNorm2d, which call it between two permutes): its exact gradient, at the
+input the forward kept. LocalResponseNorm: its true gradient, or the identity with
+``lrn="identity"`` (Caffe's deconv_ignore)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Kind, register
+from .base import Kind, register, vjp
+from .general import General
 
-__all__ = ["BatchNorm", "LocalResponseNorm", "LRN_MODES"]
+__all__ = ["BatchNorm", "LayerNorm", "LocalResponseNorm", "LRN_MODES"]
 
 LRN_MODES = ("gradient", "identity")
 
 
 @register
 class BatchNorm(Kind):
-    name = "BatchNorm2d"
-    modules = (nn.BatchNorm2d,)
+    """Eval-mode batch norm: an affine map per channel (dim 1) with the running statistics. A call
+    that normalises with the batch's own statistics (training=True, or no running statistics) mixes
+    the images: it is not this kind, and takes its gradient as a general op."""
 
-    def __init__(self, running_mean, running_var, weight, bias, eps):
-        self.running_mean, self.running_var, self.weight, self.bias, self.eps = (running_mean, running_var, weight,
-                                                                                 bias, eps)
+    name = "BatchNorm"
+    modules = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    functions = (F.batch_norm,)
+    arguments = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    pointwise = True
+
+    def __init__(self, running_mean, running_var, weight, bias, eps, label):
+        self.running_mean, self.running_var, self.weight, self.bias = running_mean, running_var, weight, bias
+        self.eps, self.label = eps, label
 
     @classmethod
     def from_module(cls, module, call):
         if module.running_mean is None or module.running_var is None:
-            call.fail("has no running statistics (track_running_stats=False); eval-mode batch norm needs them")
+            call.unsupported("has no running statistics (track_running_stats=False), so even in eval it normalises "
+                             "with the batch's own statistics")
         call.data("input")
-        return cls(module.running_mean, module.running_var, module.weight, module.bias, module.eps)
+        return cls(module.running_mean, module.running_var, module.weight, module.bias, module.eps,
+                   type(module).__name__)
+
+    @classmethod
+    def from_call(cls, call):
+        if call.get("training", False):
+            call.unsupported("normalises with the batch's own statistics (training=True)")
+        call.data("input")
+        running_mean, running_var = call.parameter("running_mean"), call.parameter("running_var")
+        return cls(running_mean, running_var, call.parameter("weight", optional=True),
+                   call.parameter("bias", optional=True), call.get("eps", 1e-5), "F.batch_norm")
+
+    def input_channels(self):
+        return self.running_var.numel()
 
     def output_shape(self, shape):
-        self.need_spatial(shape)
-        if shape[0] != self.running_mean.numel():
-            raise ValueError(f"expects {self.running_mean.numel()} channels, got {shape[0]}")
+        if len(shape) < 1 or shape[0] != self.running_var.numel():
+            raise ValueError(f"expects {self.running_var.numel()} channels, got [N, {', '.join(map(str, shape))}]")
         return shape
 
     def forward(self, x):
@@ -40,18 +64,28 @@ class BatchNorm(Kind):
                             self.cast(self.weight, x), self.cast(self.bias, x), False, 0.0, self.eps)
 
     def scale(self, like: torch.Tensor) -> torch.Tensor:
-        """gamma / sqrt(var + eps) as [1, C, 1, 1], rounded once from float32 or better."""
+        """gamma / sqrt(var + eps) as [1, C, 1, ...] for ``like``'s rank, rounded once from float32 or better."""
         cache = self.__dict__.setdefault("_scale_cache", {})
-        key = (like.dtype, like.device)
+        key = (like.dtype, like.device, like.dim())
         if key not in cache:
             wide = torch.promote_types(like.dtype, torch.float32)
             var = self.running_var.detach().to(device=like.device, dtype=wide)
             gamma = torch.ones_like(var) if self.weight is None else self.weight.detach().to(like.device, wide)
-            cache[key] = (gamma / torch.sqrt(var + self.eps)).to(like.dtype).view(1, -1, 1, 1)
+            cache[key] = (gamma / torch.sqrt(var + self.eps)).to(like.dtype).view(1, -1, *[1] * (like.dim() - 2))
         return cache[key]
 
     def reverse(self, g, at):
         return [g * self.scale(g)]
+
+
+@register
+class LayerNorm(General):
+    """Layer norm over the trailing dims: its exact gradient, autograd's, at the kept input."""
+
+    name = "LayerNorm"
+    modules = (nn.LayerNorm,)
+    functions = (F.layer_norm,)
+    arguments = ("input", "normalized_shape", "weight", "bias", "eps")
 
 
 @register
@@ -62,6 +96,7 @@ class LocalResponseNorm(Kind):
     modules = (nn.LocalResponseNorm,)
     functions = (F.local_response_norm,)
     arguments = ("input", "size", "alpha", "beta", "k")
+    pointwise = True
 
     def __init__(self, size, alpha, beta, k):
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
@@ -76,15 +111,21 @@ class LocalResponseNorm(Kind):
         call.data("input")
         return cls(call.get("size"), call.get("alpha", 1e-4), call.get("beta", 0.75), call.get("k", 1.0))
 
+    def describe_reverse(self, rule):
+        return "its gradient (lrn='gradient'; the identity with lrn='identity')"
+
     def output_shape(self, shape):
         self.need_spatial(shape)
         return shape
+
+    def _lrn(self, x):
+        return F.local_response_norm(x, self.size, self.alpha, self.beta, self.k)
 
     def forward(self, x):
         """In float32 (or wider), rounded back to ``x``'s dtype: PyTorch's LRN (avg_pool3d) has no
         float16/bfloat16 kernel on the CPU; float32 is also what the kernels accumulate half precision in."""
         wide = torch.promote_types(x.dtype, torch.float32)
-        return F.local_response_norm(x.to(wide), self.size, self.alpha, self.beta, self.k).to(x.dtype)
+        return self._lrn(x.to(wide)).to(x.dtype)
 
     def forward_keeping(self, inputs, keeper):
         return self.forward(inputs[0]), (keeper.rows(inputs[0]) if keeper.lrn == "gradient" else None)
@@ -92,12 +133,7 @@ class LocalResponseNorm(Kind):
     def reverse(self, g, at):
         if at.lrn == "identity":
             return [g]
-        wide = torch.promote_types(g.dtype, torch.float32)
-        with torch.enable_grad():
-            x = at.map_of(at.saved).detach().to(wide).requires_grad_(True)
-            y = F.local_response_norm(x, self.size, self.alpha, self.beta, self.k)
-            (grad,) = torch.autograd.grad(y, x, g.to(wide))
-        grad = grad.to(g.dtype)
+        (grad,) = vjp(self._lrn, [at.map_of(at.saved)], g, wide=True)
         if at.windows is not None:  # the clamped input outside the map is not the map's
             grad = at.windows.zero_outside(grad, at.in_shapes[0][1:])
         return [grad]

@@ -8,11 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..geometry import pool_output_size
-from ..windows import extent
-from .base import At, Kind, pair, register
+from ..geometry import extent, pair, pool_output_size
+from .base import At, Kind, linear_vjp, register
 
-__all__ = ["MaxPool", "AvgPool", "AdaptiveAvgPool", "SpatialMean", "pooled_shape", "linear_vjp"]
+__all__ = ["MaxPool", "AvgPool", "AdaptiveAvgPool", "SpatialMean", "pooled_shape"]
 
 
 def pooled_shape(shape, kernel_size, stride, padding, dilation, ceil_mode):
@@ -28,20 +27,14 @@ def _stride(kernel, stride):
     return kernel if stride is None or (isinstance(stride, (list, tuple)) and not stride) else pair(stride)
 
 
-def linear_vjp(function, in_shape, g: torch.Tensor) -> torch.Tensor:
-    """The gradient of a linear ``function`` (average pools, means) at any point: autograd at zeros."""
-    with torch.enable_grad():
-        x = g.new_zeros((g.shape[0],) + tuple(in_shape), requires_grad=True)
-        (grad,) = torch.autograd.grad(function(x), x, g)
-    return grad
-
-
 @register
 class MaxPool(Kind):
     name = "MaxPool2d"
     modules = (nn.MaxPool2d,)
     functions = (F.max_pool2d, torch.max_pool2d)
     arguments = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+    reversal = "kernel"
+    padding_value = float("-inf")
 
     def __init__(self, kernel_size, stride, padding, dilation, ceil_mode):
         self.kernel_size = pair(kernel_size)
@@ -51,14 +44,14 @@ class MaxPool(Kind):
     @classmethod
     def from_module(cls, module, call):
         if module.return_indices:
-            call.fail("returns indices (return_indices=True); use it without them")
+            call.unsupported("returns indices (return_indices=True)")
         call.data("input")
         return cls(module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
 
     @classmethod
     def from_call(cls, call):
         if call.get("return_indices", False):
-            call.fail("returns indices (return_indices=True); use it without them")
+            call.unsupported("returns indices (return_indices=True)")
         call.data("input")
         return cls(call.get("kernel_size"), call.get("stride"), call.get("padding", 0), call.get("dilation", 1),
                    call.get("ceil_mode", False))
@@ -66,8 +59,32 @@ class MaxPool(Kind):
     def output_shape(self, shape):
         return pooled_shape(shape, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
 
+    def describe_reverse(self, rule):
+        return "native kernel (unpooling by the switches)"
+
+    def fused_chain(self, node, targets):
+        """The ReLU (and conv) below this pool that one fused kernel call reverses with it: each feeds
+        only the next, and neither is a chosen layer, so nothing else needs their gradients."""
+        from .activations import ReLU
+        from .conv import Conv
+
+        relu = node.inputs[0]
+        if type(relu.kind) is not ReLU or relu.data_consumers != [node] or relu in targets:
+            return []
+        conv = relu.inputs[0]
+        if isinstance(conv.kind, Conv) and conv.data_consumers == [relu]:
+            return [relu, conv]
+        return [relu]
+
     def forward(self, x):
         return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+
+    def forward_unpadded(self, x, windows=None, rows=None, in_size=None):
+        return F.max_pool2d(x, self.kernel_size, self.stride, 0, self.dilation)
+
+    def cone(self, cones, size):
+        return None if cones[0] is None else cones[0].through(extent(self.kernel_size, self.dilation), self.stride,
+                                                               self.padding, size)
 
     def forward_keeping(self, inputs, keeper):
         pooled, switches = keeper.kernels.max_pool2d_switches(inputs[0], self.kernel_size, self.stride, self.padding,
@@ -127,20 +144,6 @@ def _rule_arguments(at: At, positive) -> dict:
     return {"rule": at.rule.kernel, "positive": None if positive is None else at.map_of(positive)}
 
 
-def _avg_pool_divisors(pooled: int, size: int, kernel: int, stride: int, padding: int,
-                       count_include_pad: bool) -> List[int]:
-    """Along one axis, the count F.avg_pool2d divides each window's sum by (PyTorch's rule: the window
-    clipped to the padded input, or to the input itself without count_include_pad). The 2-D divisor
-    is the product of both axes' counts."""
-    divisors = []
-    for o in range(pooled):
-        start = o * stride - padding
-        end = min(start + kernel, size + padding)
-        inside = min(end, size) - max(start, 0)
-        divisors.append(max(end - start if count_include_pad else inside, 1))
-    return divisors
-
-
 @register
 class AvgPool(Kind):
     name = "AvgPool2d"
@@ -177,6 +180,30 @@ class AvgPool(Kind):
     def grow(self, windows):
         return windows.grow(self.kernel_size, self.stride, self.padding)
 
+    def divisors(self, in_size, like: torch.Tensor) -> torch.Tensor:
+        """[h_out, w_out]: what the pool divides each window's sum by on an input of spatial size
+        ``in_size``: its own forward on ones against the window sums of ones (count_include_pad,
+        ceil_mode and divisor_override all as the layer has them), once per size, dtype and device."""
+        cache = self.__dict__.setdefault("_divisor_cache", {})
+        key = (tuple(in_size), like.dtype, like.device)
+        if key not in cache:
+            ones = torch.ones(1, 1, *in_size, dtype=torch.float64, device=like.device)
+            sums = F.avg_pool2d(ones, self.kernel_size, self.stride, self.padding, self.ceil_mode, True, 1)
+            cache[key] = (sums / self.forward(ones))[0, 0].round().to(like.dtype)
+        return cache[key]
+
+    def cone(self, cones, size):
+        return None if cones[0] is None else cones[0].through(self.kernel_size, self.stride, self.padding, size)
+
+    def forward_unpadded(self, x, windows, rows, in_size):
+        """Window sums over the divisors the layer uses at those outputs (``windows`` of its output
+        per occluder position, ``rows`` each batch row's position, ``in_size`` its input's size)."""
+        sums = F.avg_pool2d(x, self.kernel_size, self.stride, 0, False, True, 1)
+        divisors = self.divisors(in_size, x)
+        out_rows = windows.top[rows][:, None] + torch.arange(windows.height, device=x.device)
+        out_cols = windows.left[rows][:, None] + torch.arange(windows.width, device=x.device)
+        return sums / divisors[out_rows[:, :, None], out_cols[:, None, :]][:, None]
+
     def reverse(self, g, at):
         in_shape, out_shape = at.in_shapes[0], at.out_shape
         if at.windows is None:
@@ -184,15 +211,10 @@ class AvgPool(Kind):
         # each input position of a window gets g / divisor from every window covering it: a depthwise
         # transposed conv with a kernel of ones, after dividing by the divisors
         windows = at.windows
-        if self.divisor_override:
-            g = g / self.divisor_override
-        else:
-            divisors = [torch.tensor(_avg_pool_divisors(out_shape[1 + i], in_shape[1 + i], self.kernel_size[i],
-                                                        self.stride[i], self.padding[i], self.count_include_pad),
-                                     dtype=g.dtype, device=g.device) for i in range(2)]
-            rows = (windows.top[:, None] + torch.arange(windows.height, device=g.device)).clamp(0, out_shape[1] - 1)
-            cols = (windows.left[:, None] + torch.arange(windows.width, device=g.device)).clamp(0, out_shape[2] - 1)
-            g = g / (divisors[0][rows][:, None, :, None] * divisors[1][cols][:, None, None, :])
+        divisors = self.divisors(in_shape[1:], g)
+        rows = (windows.top[:, None] + torch.arange(windows.height, device=g.device)).clamp(0, out_shape[1] - 1)
+        cols = (windows.left[:, None] + torch.arange(windows.width, device=g.device)).clamp(0, out_shape[2] - 1)
+        g = g / divisors[rows[:, :, None], cols[:, None, :]][:, None]
         grown = self.grow(windows)
         ones = torch.ones(in_shape[0], 1, *self.kernel_size, dtype=g.dtype, device=g.device)
         g = F.conv_transpose2d(g, ones, stride=self.stride, groups=in_shape[0])
@@ -250,8 +272,9 @@ class AdaptiveAvgPool(Kind):
 
 @register
 class SpatialMean(Kind):
-    """``x.mean((2, 3))`` / ``torch.mean(x, dim=[-2, -1], keepdim=True)``: the global average pool
-    written as a mean over the spatial dims."""
+    """A mean over some of a tensor's per-image dims (``x.mean((2, 3))``, ``torch.mean(x, dim=[-2, -1],
+    keepdim=True)``, ``x.mean(1)`` over tokens): its gradient, spread evenly. The mean over a map's
+    positions is the global average pool of the paper's table."""
 
     name = "mean"
     functions = (torch.mean,)
@@ -259,25 +282,34 @@ class SpatialMean(Kind):
     arguments = ("input", "dim", "keepdim")
     windowed = False
 
-    def __init__(self, keepdim: bool):
-        self.keepdim = bool(keepdim)
+    def __init__(self, dims, keepdim: bool):
+        self.dims, self.keepdim = dims, bool(keepdim)
 
     @classmethod
     def from_call(cls, call):
         call.data("input")
         dims = call.get("dim")
         dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
-        if sorted(d % 4 for d in dims) != [2, 3] or call.get("dtype") is not None:
-            call.fail(f"takes the mean over dims {list(dims)}; only the mean over the spatial dims (2, 3) of a "
-                      "[N, C, H, W] map is supported")
-        return cls(call.get("keepdim", False))
+        if not dims or call.get("dtype") is not None or not all(isinstance(d, int) for d in dims):
+            call.unsupported(f"takes the mean over dims {dims or 'all'}; only a mean over some of the per-image dims "
+                             "is reversed natively")
+        return cls(dims, call.get("keepdim", False))
+
+    def outside_table(self):
+        return None if self.spatial else f"takes the mean over dims {list(self.dims)}; only the mean over the " \
+                                         "spatial dims (2, 3) of a map is in the paper's table"
 
     def output_shape(self, shape):
-        self.need_spatial(shape)
-        return (shape[0], 1, 1) if self.keepdim else (shape[0],)
+        rank = len(shape) + 1
+        dims = sorted(d % rank for d in self.dims)
+        if 0 in dims:
+            raise ValueError("takes the mean over the batch dim; the engine needs one image per row")
+        self.spatial = rank == 4 and dims == [2, 3]
+        return tuple((1 if self.keepdim else None) if i + 1 in dims else size for i, size in enumerate(shape)
+                     if self.keepdim or i + 1 not in dims)
 
     def forward(self, x):
-        return x.mean((2, 3), keepdim=self.keepdim)
+        return x.mean(self.dims, keepdim=self.keepdim)
 
     def reverse(self, g, at):
         return [linear_vjp(self.forward, at.in_shapes[0], g)]
