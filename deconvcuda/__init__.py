@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from . import ops, reference
 from .engine import project
+from .describe import describe
 from .forward import LayerInfo, layers
 from .receptive_field import ReceptiveField, crop_patches, receptive_field
 from .scan import TopActivations, top_activations
@@ -15,6 +16,6 @@ from . import data, models
 from .figures import visualize
 from .analyses import evolution, invariance, occlusion
 
-__all__ = ["ops", "reference", "project", "layers", "LayerInfo", "top_activations", "TopActivations", "receptive_field",
+__all__ = ["ops", "reference", "project", "describe", "layers", "LayerInfo", "top_activations", "TopActivations", "receptive_field",
            "ReceptiveField", "crop_patches", "visualize", "models", "data", "occlusion", "invariance", "evolution",
            "__version__"]

@@ -22,7 +22,10 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .graph import Graph, Node, trace
+from .capture import capture
+from .checks import resolve_layer
+from .graph import Graph, Node, Untraceable, trace
+from .kinds import Unrepresentable
 from .windows import Windows
 
 __all__ = ["ReceptiveField", "receptive_field", "crop_patches"]
@@ -83,7 +86,13 @@ def receptive_field(model: nn.Module, layer, input_size: Optional[Sequence[int]]
         input_size = tuple(int(v) for v in input_size)
         if len(input_size) != 2 or min(input_size) < 1:
             raise ValueError(f"{caller}: input_size must be a pair of positive ints (H, W), got {input_size!r}")
-    graph = trace(model, layer, caller=caller)
+    try:
+        graph = trace(model, layer, caller=caller)
+    except (Untraceable, Unrepresentable) as why:
+        if input_size is None:
+            raise ValueError(f"{caller}: {why}, so the field is measured by gradients on an image; pass "
+                             f"input_size=(H, W)") from why
+        return _measured(model, resolve_layer(model, layer, caller), input_size, caller)
     name = graph.layers[0]
     shapes: Optional[Dict[Node, tuple]] = None
     if input_size is not None:
@@ -110,6 +119,109 @@ def receptive_field(model: nn.Module, layer, input_size: Optional[Sequence[int]]
     (top0, top1), (left0, left1) = top, left
     return ReceptiveField(size=(field.height, field.width), stride=(top1 - top0, left1 - left0),
                           offset=(top0, left0))
+
+
+class _StraightThrough(torch.autograd.Function):
+    """A rectifier's forward, the identity backward: a path's reach does not depend on its masks."""
+
+    @staticmethod
+    def forward(ctx, x, value):
+        return value
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _SpreadMaxPool(torch.autograd.Function):
+    """A max pool's forward; backward, every pooled value to its whole window (the field, not the switch)."""
+
+    @staticmethod
+    def forward(ctx, x, value, kernel, stride, padding, dilation):
+        ctx.geometry = (x.shape, kernel, stride, padding, dilation)
+        return value
+
+    @staticmethod
+    def backward(ctx, g):
+        import torch.nn.functional as F
+
+        shape, kernel, stride, padding, dilation = ctx.geometry
+        ones = g.new_ones(shape[1], 1, *kernel)
+        spread = F.conv_transpose2d(g, ones, stride=stride, padding=padding, dilation=dilation, groups=shape[1])
+        out = g.new_zeros(shape)
+        h, w = min(shape[2], spread.shape[2]), min(shape[3], spread.shape[3])
+        out[:, :, :h, :w] = spread[:, :, :h, :w]
+        return out, None, None, None, None, None
+
+
+class _FieldMode(torch.overrides.TorchFunctionMode):
+    """Every rectifier passes gradients straight through and every max pool spreads them over its
+    windows, so an input pixel's gradient is non-zero wherever the activation can see it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        import torch.nn.functional as F
+
+        from .geometry import pair
+
+        kwargs = kwargs or {}
+        if func in (F.relu, torch.relu, torch.Tensor.relu, F.relu6, F.hardtanh):
+            x = args[0] if args else kwargs.pop("input")
+            with torch.no_grad():  # on a copy: an in-place form must not change x
+                value = func(x.detach().clone(), *args[1:], **kwargs)
+            return _StraightThrough.apply(x, value)
+        if func is F.max_pool2d:
+            x = args[0] if args else kwargs["input"]
+            names = ("kernel_size", "stride", "padding", "dilation")
+            values = [args[1 + i] if len(args) > 1 + i else kwargs.get(n) for i, n in enumerate(names)]
+            kernel = pair(values[0])
+            stride = kernel if not values[1] else pair(values[1])
+            return _SpreadMaxPool.apply(x, func(*args, **kwargs), kernel, stride, pair(values[2] or 0),
+                                        pair(values[3] or 1))
+        return func(*args, **kwargs)
+
+
+def _measured(model: nn.Module, layer: str, input_size, caller: str) -> ReceptiveField:
+    """The field of a layer the graph cannot derive, measured: the input-gradient of one activation in
+    the middle of the map (and of its diagonal neighbour, for the stride), with rectifiers passing
+    gradients through and max pools spreading them over their windows. On larger images where the
+    model takes them, so that the field lies inside; where it still reaches the borders, the image."""
+    parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None else torch.float32
+    channels = next((getattr(m, "in_channels") for m in model.modules() if isinstance(
+        getattr(m, "in_channels", None), int)), 3)
+    generator = torch.Generator().manual_seed(0)
+    for scale in (3, 2, 1):
+        size = (input_size[0] * scale, input_size[1] * scale)
+        x = torch.rand(1, channels, *size, generator=generator, dtype=dtype).to(device).requires_grad_(True)
+        try:
+            with torch.enable_grad(), _FieldMode():
+                out = capture(model, x, [layer], caller)[0][layer]
+        except Exception:
+            if scale == 1:
+                raise
+            continue  # the model takes only its own size
+        if out.dim() != 4:
+            return _whole_image(f"its output is [N, {', '.join(map(str, out.shape[1:]))}], not a map", input_size,
+                                layer)
+        boxes = []
+        h, w = out.shape[2:]
+        for y, x_ in ((h // 2, w // 2), (min(h // 2 + 1, h - 1), min(w // 2 + 1, w - 1))):
+            (grad,) = torch.autograd.grad(out[0, :, y, x_].sum(), x, retain_graph=True)
+            seen = grad[0].abs().sum(0) > 0
+            rows, cols = seen.any(1).nonzero().flatten(), seen.any(0).nonzero().flatten()
+            if rows.numel() == 0:
+                return _whole_image("no pixel reaches its activations", input_size, layer)
+            boxes.append((int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1, y, x_))
+        (t0, b0, l0, r0, y0, x0), (t1, b1, l1, r1, y1, x1) = boxes
+        touches = t0 == 0 or l0 == 0 or b0 == size[0] or r0 == size[1]
+        if touches and scale > 1:
+            continue
+        if touches:
+            return _whole_image("measured by gradients, it reaches the image's borders", input_size, layer)
+        stride = ((t1 - t0) // max(y1 - y0, 1), (l1 - l0) // max(x1 - x0, 1))
+        return ReceptiveField(size=(b0 - t0, r0 - l0), stride=stride, offset=(t0 - y0 * stride[0], l0 - x0 * stride[1]))
+    return _whole_image("measured by gradients, it reaches the image's borders", input_size, layer)
 
 
 def _as_boxes(boxes) -> torch.Tensor:

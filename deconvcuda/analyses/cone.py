@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture import evaluating
-from ..graph import Node, trace
+from ..forward import LayerForward
+from ..graph import Node
 from ..windows import Cone, Windows
 
 __all__ = ["OcclusionCones"]
@@ -57,11 +58,15 @@ class OcclusionCones:
     """The traced model and, for the images being worked on, every node's unoccluded output."""
 
     def __init__(self, model: nn.Module, layer: str, image_shape: Sequence[int], caller: str):
-        self.graph = trace(model, layer, caller=caller)
+        self.forward = LayerForward(model, [layer], caller)
+        self.layer = layer
         # per-image output shapes; a clear error where the images do not fit
-        self.shapes = self.graph.node_shapes(tuple(image_shape), caller)
-        self.target = self.graph.targets[layer]
-        self.nodes: List[Node] = self._needed()
+        self.layer_shape = self.forward.shapes(tuple(image_shape), caller)[layer]
+        self.graph = self.forward.graph  # None where the graph cannot hold the model: then whole forwards
+        if self.graph is not None:
+            self.shapes = self.graph.node_shapes(tuple(image_shape), caller)
+            self.target = self.graph.targets[layer]
+            self.nodes: List[Node] = self._needed()
         self._use(None)
 
     def _use(self, images: Optional[torch.Tensor]) -> None:
@@ -78,8 +83,7 @@ class OcclusionCones:
 
     def unoccluded_output(self, images: torch.Tensor) -> torch.Tensor:
         """The target's output on ``images`` themselves (one forward; nothing kept)."""
-        with torch.no_grad():
-            return self.graph.run(images)[self.graph.layers[0]]
+        return self.forward.run(images)[self.layer]
 
     def _needed(self) -> List[Node]:
         """The nodes the target depends on, in topological order."""
@@ -178,16 +182,18 @@ class OcclusionCones:
         (then ``channel`` is 0) or the flat output [B, F] (``channel`` indexes it). Returns [N * P].
 
         method: "difference" (the cones) or "recompute" (each occluded image through the whole
-        forward: the baseline). Images go through in groups small enough that a group's positions fill
+        forward: the baseline, and the only way where the graph cannot hold the model). Images go through in groups small enough that a group's positions fill
         about one batch, so the unoccluded outputs kept are those of one group, not of every image."""
         from tqdm.auto import tqdm
 
+        if self.graph is None:
+            method = "recompute"
         n_positions = corners.shape[0]
         per_group = max(1, batch_size // n_positions)
         results = []
         bar = tqdm(total=images.shape[0] * n_positions, desc="occlusion", unit="position", disable=not progress)
         try:
-            with torch.no_grad(), evaluating(self.graph.model):
+            with torch.no_grad(), evaluating(self.forward.model):
                 for first in range(0, images.shape[0], per_group):
                     group = images[first:first + per_group]
                     if method == "recompute":
@@ -219,7 +225,7 @@ class OcclusionCones:
         """One batch of (image, position) rows the plain way: each occluded image through the forward."""
         from .occlusion import occluded_images
 
-        output = self.graph.run(occluded_images(self.images[rows_images], corners, window, fill))[self.graph.layers[0]]
+        output = self.forward.run(occluded_images(self.images[rows_images], corners, window, fill))[self.layer]
         if output.dim() == 2:
             return output
         return output[torch.arange(output.shape[0], device=output.device), chosen][:, None]

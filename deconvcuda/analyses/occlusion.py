@@ -210,7 +210,7 @@ def most_probable_class(model: nn.Module, images: torch.Tensor, layer: str = "",
     from .cone import OcclusionCones
 
     cones = OcclusionCones(model, layer, images.shape[1:], caller)
-    shape = cones.graph.shapes(tuple(images.shape[1:]), caller=caller)[cones.graph.layers[0]]
+    shape = cones.layer_shape
     if len(shape) != 1:
         raise ValueError(f"{caller}: layer {layer!r} is not flat ([N, F]) but [N, {', '.join(map(str, shape))}]; "
                          "pass a classifier's output")

@@ -54,6 +54,9 @@ class BatchNorm(Kind):
     def input_channels(self):
         return self.running_var.numel()
 
+    def describe_reverse(self, rule):
+        return "its gradient (g * gamma / sqrt(var + eps) per channel)"
+
     def output_shape(self, shape):
         if len(shape) < 1 or shape[0] != self.running_var.numel():
             raise ValueError(f"expects {self.running_var.numel()} channels, got [N, {', '.join(map(str, shape))}]")
