@@ -14,7 +14,8 @@ from .scan import TopActivations, top_activations
 from . import data, models
 from .figures import visualize
 from .analyses import evolution, invariance, occlusion
+from .classviews import gradcam, guided_gradcam
 
 __all__ = ["ops", "reference", "project", "layers", "LayerInfo", "top_activations", "TopActivations", "receptive_field",
            "ReceptiveField", "crop_patches", "visualize", "models", "data", "occlusion", "invariance", "evolution",
-           "__version__"]
+           "gradcam", "guided_gradcam", "__version__"]
