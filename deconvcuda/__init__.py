@@ -15,7 +15,9 @@ from .scan import TopActivations, top_activations
 from . import data, models
 from .figures import visualize
 from .analyses import evolution, invariance, occlusion
+from .classviews import gradcam, guided_gradcam
+from .sanity import SanityCheck, sanity_check
 
 __all__ = ["ops", "reference", "project", "describe", "layers", "LayerInfo", "top_activations", "TopActivations", "receptive_field",
            "ReceptiveField", "crop_patches", "visualize", "models", "data", "occlusion", "invariance", "evolution",
-           "__version__"]
+           "gradcam", "guided_gradcam", "sanity_check", "SanityCheck", "__version__"]
