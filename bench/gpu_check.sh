@@ -27,7 +27,7 @@
 #   ops-quick       the CUDA ops against the reference and autograd, every op and dtype, fixed cases
 #                   only, the output format and the TF32 tests
 #   fused-vs-dense  unpool_relu_deconv2d against unpool_relu + cuDNN at AlexNet's and VGG16's eight pool
-#                   boundaries (batch 64) and at the point-seed windows of 576 projections, fp32 / tf32 / bf16
+#                   boundaries (batch 64) and at the point-seed windows of 256 projections, fp32 / tf32 / bf16
 #   top9            bench/workloads.py --only top9: the paper's top-9 projections end to end, DESIGN.md's
 #                   anchor (AlexNet conv5, 512 images, 2,304 projections) among them
 #   emulation       the kernels against their host emulation, bit for bit (tests/test_cuda_emulation.py)
@@ -152,7 +152,8 @@ stage_build() {
   if [ "$DRY" = 1 ]; then
     env DECONVCUDA_CPU_ONLY=1 MAX_JOBS=2 "$PYTHON" setup.py build_ext --inplace
   else
-    env DECONVCUDA_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="$(nproc)" \
+    # sm_90 only, whatever the machine's TORCH_CUDA_ARCH_LIST says (GPU_CHECK_ARCH_LIST overrides it)
+    env DECONVCUDA_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${GPU_CHECK_ARCH_LIST:-9.0}" MAX_JOBS="$(nproc)" \
       DECONVCUDA_PTXAS_VERBOSE=1 "$PYTHON" setup.py build_ext --inplace
   fi
 }
@@ -193,7 +194,7 @@ stage_fused_vs_dense() {
       --only "vgg16 conv5_3" --point-seeds 1 --json "$LOGS/fused_vs_dense.json"
   else
     "$PYTHON" bench/bench_kernels.py --device cuda --batch 64 --precisions fp32,tf32,bf16 --rounds 10 \
-      --rows fused --point-seeds 576 --verbose --json "$LOGS/fused_vs_dense.json"
+      --rows fused --point-seeds 256 --verbose --json "$LOGS/fused_vs_dense.json"
   fi
 }
 
