@@ -8,6 +8,8 @@ Environment switches (read at build time):
                              A100 and H100/H200, with PTX so newer GPUs JIT-compile it)
   MAX_JOBS                   parallel compile jobs (default: the machine's cores)
   DECONVCUDA_DEBUG=1         -O0 -g, for stepping through kernels
+  DECONVCUDA_PTXAS_VERBOSE=1 ptxas reports each kernel's registers, shared memory and spills (-Xptxas=-v)
+                             into the build's output: bench/gpu_check.sh's build log keeps them
 Whether a GPU is present never matters: CI compiles the CUDA kernels on machines without one.
 """
 import glob
@@ -99,6 +101,8 @@ def _extension():
           f"{os.environ['TORCH_CUDA_ARCH_LIST']} with {os.path.join(CUDA_HOME or '', 'bin', 'nvcc')}",
           flush=True)
     nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+    if _env_flag("DECONVCUDA_PTXAS_VERBOSE"):
+        nvcc_flags.append("-Xptxas=-v")
     return CUDAExtension(
         "deconvcuda._C", sources, include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=["-fopenmp"])

@@ -4,6 +4,7 @@ ceilings measured in the same run. Prints a table, writes JSON (``--json``).
     python bench/bench_kernels.py                       # CPU, small batches
     python bench/bench_kernels.py --json out.json
     python bench/bench_kernels.py --device cuda --batch 64 --precisions fp32,tf32,bf16
+    python bench/bench_kernels.py --device cuda --batch 64 --rows fused --point-seeds 2304   # the GPU check's
 
 Rows (each timed interleaved with its baselines, same inputs, medians of ``--rounds``; every native
 result is checked against the reference first, so a wrong kernel cannot post a number):
@@ -11,7 +12,10 @@ result is checked against the reference first, so a wrong kernel cannot post a n
     (the pure-PyTorch twin) and vs PyTorch's own chain (``torch``: max_pool2d_with_indices,
     max_pool2d's backward + relu, conv_transpose2d; the fused op's chain is the three of them);
   * fused vs dense: ``unpool_relu_deconv2d`` against native ``unpool_relu`` + ``deconv2d`` (oneDNN /
-    cuDNN): the ratio says which path is faster at that shape, device and dtype.
+    cuDNN): the ratio says which path is faster at that shape, device and dtype. ``--rows fused`` times
+    these rows only (no pools, no reference or PyTorch baselines). ``--point-seeds P`` adds the
+    windows that point projections run the fused op on (AlexNet conv5 and VGG16 conv5_3 / conv3_3
+    seeds), recorded from real projections on the CPU, with P projections in a batch.
 Ceilings: copy bandwidth (``copy_`` of a 256 MiB tensor into another: bytes read + written per second) and matmul
 FLOP/s (a large square ``mm`` in the dtype), both measured here. GB/s counts each input and output
 once; GFLOP/s of the fused op counts the multiply-adds it does (one filter tap per routed unpooled
@@ -150,6 +154,95 @@ def boundary_inputs(b: Boundary, n: int, device: str, dtype: torch.dtype, genera
     return x, weight, pre_pool, pooled, switches, indices, grad
 
 
+#: (model, layer, image size): point projections whose fused calls --point-seeds records
+POINT_SEED_PROJECTIONS = [("alexnet", "features.11", 224), ("vgg16", "features.29", 224), ("vgg16", "features.15", 224)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """One unpool_relu_deconv2d call of a point projection: grad [P, C_out, *pooled], weight, and the
+    op's size and geometry arguments after weight (input_size, kernel_size, ..., output_size)."""
+    name: str
+    grad_shape: tuple
+    weight_shape: tuple
+    args: tuple
+
+
+def point_seed_windows() -> List[Window]:
+    """The distinct fused calls of one point projection of each of POINT_SEED_PROJECTIONS, recorded
+    where the engine makes them (deconvcuda.dispatch.Dispatcher), on the CPU with random weights:
+    window shapes depend on the layers' geometry and the image size only."""
+    from deconvcuda import dispatch
+
+    windows: Dict[tuple, Window] = {}
+    recorded = dispatch.Dispatcher.unpool_relu_deconv2d
+
+    for model_name, layer, size in POINT_SEED_PROJECTIONS:
+        def record(self, grad, switches, weight, *args, **kwargs):
+            sizes = tuple(tuple(a) if isinstance(a, (list, tuple)) else a for a in args[:10])
+            key = (tuple(grad.shape[1:]), tuple(weight.shape), sizes)
+            name = (f"{model_name} {layer} point {weight.shape[0]}>{weight.shape[1] * sizes[8]} "
+                    f"{grad.shape[2]}x{grad.shape[3]}>{sizes[9][0]}x{sizes[9][1]}")
+            windows.setdefault(key, Window(name, tuple(grad.shape[1:]), tuple(weight.shape), sizes))
+            return recorded(self, grad, switches, weight, *args, **kwargs)
+
+        dispatch.Dispatcher.unpool_relu_deconv2d = record
+        try:
+            torch.manual_seed(0)
+            model = deconvcuda.models.build(model_name)
+            image = torch.randn(1, 3, size, size)
+            deconvcuda.project(model, image, layer, neurons=torch.tensor([[0, 0, 3, 3]]))
+        finally:
+            dispatch.Dispatcher.unpool_relu_deconv2d = recorded
+    return list(windows.values())
+
+
+def window_inputs(w: Window, batch: int, device: str, dtype: torch.dtype, generator: torch.Generator):
+    """grad, switches and weight for window ``w`` with ``batch`` projections: the switches of a max
+    pool over a random rectified map of the window's pool input."""
+    input_size, kernel, stride, padding, dilation = w.args[:5]
+    pooled = tuple(w.grad_shape[1:])
+    pre_pool = torch.relu(torch.randn(batch, w.grad_shape[0], *input_size, generator=generator)).to(device, dtype)
+    _, switches = ops.max_pool2d_switches(pre_pool, kernel, stride, padding, dilation)
+    if tuple(switches.shape[2:]) != pooled:  # the window's pool rounds up
+        _, switches = ops.max_pool2d_switches(pre_pool, kernel, stride, padding, dilation, ceil_mode=True)
+    grad = torch.randn(batch, *w.grad_shape, generator=generator).to(device, dtype)
+    fan_in = w.weight_shape[1] * w.weight_shape[2] * w.weight_shape[3]
+    weight = (torch.randn(*w.weight_shape, generator=generator) * (2 / fan_in) ** 0.5).to(device, dtype)
+    return grad, switches, weight
+
+
+def fused_vs_dense_row(name: str, grad, switches, weight, args: tuple, prec: str, device: str, rounds: int,
+                       rel: float, ceiling: Dict[str, float]) -> dict:
+    """The fused op against unpool_relu + deconv2d on one call, both checked against the reference
+    first (computed without TF32)."""
+    input_size, kernel, stride, padding, dilation, conv_stride, conv_padding, conv_dilation, groups, output_size \
+        = args
+    pool = (kernel, stride, padding, dilation)
+
+    def dense():
+        return ops.deconv2d(ops.unpool_relu(grad, switches, input_size, *pool), weight, conv_stride, conv_padding,
+                            conv_dilation, groups, output_size)
+
+    with precision("fp32" if prec == "tf32" else prec):
+        expected = reference.unpool_relu_deconv2d(grad, switches, weight, *args)
+    check(ops.unpool_relu_deconv2d(grad, switches, weight, *args), expected, name, rel)
+    check(dense(), expected, f"{name} (dense)", rel)
+    unpooled = ops.unpool_relu(grad, switches, input_size, *pool)
+    routed = int((unpooled != 0).sum().item())
+    taps = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    dense_flops = 2 * unpooled.numel() * taps
+    times = time_interleaved({"native": lambda: ops.unpool_relu_deconv2d(grad, switches, weight, *args),
+                              "dense": dense}, device, rounds)
+    size = grad.element_size()
+    r = row("unpool_relu_deconv2d", f"{name} N={grad.shape[0]}", prec, times,
+            bytes=(grad.numel() * (size + 1) + weight.numel() * size + expected.numel() * size),
+            flops=2 * routed * taps, ceiling=ceiling)
+    r["dense_GFLOPps"] = dense_flops / times["native"] / 1e9
+    r["routed_fraction"] = routed / max(1, unpooled.numel())
+    return r
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -172,6 +265,7 @@ def run(args) -> dict:
               "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None, "ceilings": {}, "rows": rows}
     if device.startswith("cuda"):
         result["gpu"] = torch.cuda.get_device_name()
+    windows = point_seed_windows() if args.point_seeds else []
     for prec in args.precisions:
         dtype = PRECISIONS[prec]
         with precision(prec):
@@ -181,7 +275,7 @@ def run(args) -> dict:
             if prec == "tf32":
                 rel = 5e-3
             size = dtype.itemsize
-            for name, c, s, k, st, cpu_n in POOL_SHAPES:
+            for name, c, s, k, st, cpu_n in (POOL_SHAPES if args.rows == "all" else []):
                 n = args.batch or cpu_n
                 x = torch.relu(torch.randn(n, c, s, s, generator=generator)).to(device, dtype)
                 out, switches = ops.max_pool2d_switches(x, k, st)
@@ -212,6 +306,15 @@ def run(args) -> dict:
                 out_size = (b.size, b.size)
                 pool = (b.pool_kernel, b.pool_stride)
                 conv = dict(conv_stride=b.stride, conv_padding=b.padding, output_size=out_size)
+                if args.rows == "fused":
+                    fused_args = (hw, (b.pool_kernel,) * 2, (b.pool_stride,) * 2, (0, 0), (1, 1), (b.stride,) * 2,
+                                  (b.padding,) * 2, (1, 1), 1, out_size)
+                    r = fused_vs_dense_row(f"{b.name} {b.c_out}>{b.c_in} @{b.conv_out()}", grad, switches, weight,
+                                           fused_args, prec, device, args.rounds, rel, ceiling)
+                    rows.append(r)
+                    if args.verbose:
+                        print(format_row(r), flush=True)
+                    continue
                 unpooled = ops.unpool_relu(grad, switches, hw, *pool)
                 fused = ops.unpool_relu_deconv2d(grad, switches, weight, hw, *pool, **conv)
                 with precision("fp32" if prec == "tf32" else prec):
@@ -243,6 +346,12 @@ def run(args) -> dict:
                         flops=gather_flops, ceiling=ceiling)
                 r["dense_GFLOPps"] = dense_flops / times["native"] / 1e9
                 r["routed_fraction"] = routed / max(1, unpooled.numel())
+                rows.append(r)
+                if args.verbose:
+                    print(format_row(r), flush=True)
+            for w in windows:
+                grad, switches, weight = window_inputs(w, args.point_seeds, device, dtype, generator)
+                r = fused_vs_dense_row(w.name, grad, switches, weight, w.args, prec, device, args.rounds, rel, ceiling)
                 rows.append(r)
                 if args.verbose:
                     print(format_row(r), flush=True)
@@ -302,6 +411,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time with this process's CPU time instead of wall time (a loaded machine; use --threads 1)")
+    parser.add_argument("--rows", choices=("all", "fused"), default="all",
+                        help="fused: only unpool_relu_deconv2d against unpool_relu + deconv2d (native both)")
+    parser.add_argument("--point-seeds", type=int, default=0, metavar="P",
+                        help="also the point projections' fused calls, P projections a batch (0: none)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.threads:

@@ -187,6 +187,9 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=3, help="timed runs per implementation (median)")
     parser.add_argument("--only", choices=("top9", "strongest", "pipeline"))
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run of every workload at a few images and channels: the flow and the checks, "
+                             "not the numbers (bench/gpu_check.sh --dry-run)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -196,8 +199,11 @@ def main(argv=None):
                                                                           64 if gpu else 4)],
         "pipeline": [("alexnet", "features.11", 224, 24, 32)],
     }
-    if gpu:
+    if gpu and not args.quick:
         plans["top9"].append(("alexnet", "features.11", 224, 512, 256))  # DESIGN.md's anchor: 2,304 projections
+    if args.quick:
+        plans = {"top9": [("alexnet", "features.11", 112, 2, 2), ("vgg16_hed", "features.15", 64, 2, 2)],
+                 "strongest": [("alexnet", "features.11", 112, 2)], "pipeline": [("alexnet", "features.11", 112, 2, 2)]}
     functions = {"top9": top9, "strongest": strongest, "pipeline": pipeline}
     results = []
     print(f"{'workload':10} {'model':10} {'layer':12} {'proj':>5} {'native':>10} {'autograd':>10} {'ratio':>7} "

@@ -1,7 +1,13 @@
 """Per-shape dispatch by measurement: where an op has several exact implementations, time each once
 per shape (batch sizes by powers of two), device and dtype, and use the fastest for the rest of the
-process (as
-``torch.backends.cudnn.benchmark`` does for convolutions).
+process (as ``torch.backends.cudnn.benchmark`` does for convolutions).
+
+The measurement is fair to every candidate: each is first run once untimed (its warm-up: cuDNN
+builds its plans, the caching allocator and the caches fill, a nested choice is made), then timed
+over several runs, of which the median counts: with CUDA events on the GPU, with the wall clock on
+the CPU. On the CPU the timed runs stop once they have taken ``CPU_MEASURE_BUDGET_S`` (after one at
+least), so that where a call is slow a shape's first call costs two calls of each candidate. The
+call's result is the chosen candidate's last one.
 
     kernels = Dispatcher(ops)          # ops: deconvcuda.ops
     kernels.deconv2d(...)              # the op, or a GEMM + col2im, whichever was faster for this shape
@@ -14,15 +20,16 @@ environment variable ``DECONVCUDA_AUTOTUNE=0``; then the native op always runs.
 from __future__ import annotations
 
 import os
+import statistics
 import time
-from typing import Callable, Dict, Hashable, Optional, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .geometry import deconv_min_output_size, pair
 
-__all__ = ["AUTOTUNE", "Dispatcher", "deconv2d_gemm"]
+__all__ = ["AUTOTUNE", "Dispatcher", "deconv2d_gemm", "measure"]
 
 #: Whether to time the candidates and pick the fastest (False: always the native op).
 AUTOTUNE = os.environ.get("DECONVCUDA_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -30,6 +37,12 @@ AUTOTUNE = os.environ.get("DECONVCUDA_AUTOTUNE", "1").strip().lower() not in ("0
 #: The choices made so far in this process: {(op, shapes, arguments, device, dtype): candidate name}.
 #: Batch sizes count by powers of two, so the chunks of one run (and the next runs) reuse a choice.
 CHOICES: Dict[Hashable, str] = {}
+
+#: Timed runs of each candidate after its warm-up; the median counts.
+TIMED_RUNS = 5
+
+#: On the CPU a candidate's timed runs stop once they have taken this long (one run at least).
+CPU_MEASURE_BUDGET_S = 0.02
 
 #: The GEMM + col2im deconvolution is a candidate only for inputs of at most this many positions
 #: (the windows of point projections); on whole maps its column buffer is the map times the kernel.
@@ -80,13 +93,9 @@ class Dispatcher:
             return next(iter(candidates.values()))()
         best: Optional[Tuple[float, str, torch.Tensor]] = None
         for name, candidate in candidates.items():
-            _synchronize(like)
-            start = time.perf_counter()
-            result = candidate()
-            _synchronize(like)
-            elapsed = time.perf_counter() - start
-            if best is None or elapsed < best[0]:
-                best = (elapsed, name, result)
+            seconds, result = measure(candidate, like.device)
+            if best is None or seconds < best[0]:
+                best = (seconds, name, result)
         CHOICES[key] = best[1]
         return best[2]
 
@@ -124,6 +133,33 @@ class Dispatcher:
                             grad)
 
 
-def _synchronize(like: torch.Tensor) -> None:
-    if like.device.type == "cuda":
-        torch.cuda.synchronize(like.device)
+def measure(candidate: Callable[[], torch.Tensor], device: torch.device) -> Tuple[float, torch.Tensor]:
+    """The median seconds of ``candidate`` on ``device`` after one untimed warm-up call, and its last
+    result: ``TIMED_RUNS`` runs timed with CUDA events on the GPU (queued back to back, one
+    synchronisation at the end), with the wall clock on the CPU, where the timed runs stop once they
+    have taken ``CPU_MEASURE_BUDGET_S`` together (after one run at least)."""
+    if device.type == "cuda":
+        return _measure_cuda(candidate, device)
+    result = candidate()
+    seconds: List[float] = []
+    while len(seconds) < TIMED_RUNS and (not seconds or sum(seconds) < CPU_MEASURE_BUDGET_S):
+        start = time.perf_counter()
+        result = candidate()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), result
+
+
+def _measure_cuda(candidate: Callable[[], torch.Tensor], device: torch.device) -> Tuple[float, torch.Tensor]:
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device)
+        result = candidate()
+        stream.synchronize()  # the warm-up, plans and allocations included, is over before timing
+        events = []
+        for _ in range(TIMED_RUNS):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            result = candidate()
+            end.record(stream)
+            events.append((start, end))
+        events[-1][1].synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events) / 1e3, result

@@ -9,8 +9,9 @@ so CPU-only CI runs the CPU half and lists the CUDA half as skipped with its rea
 """
 from __future__ import annotations
 
+import contextlib
 import random
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 import pytest
 import torch
@@ -64,6 +65,54 @@ def device(request) -> str:
 def dtype(request) -> torch.dtype:
     """Each floating dtype the ops accept."""
     return request.param
+
+
+# --------------------------------------------------------------------------------------------- #
+# Precision: TF32 off unless a test asks for it
+# --------------------------------------------------------------------------------------------- #
+
+def _tf32_switches():
+    """(object, attribute, value for on, value for off) of each of PyTorch's TF32 switches that our
+    ops and tests reach: cuDNN's convolutions (and its RNNs, kept equal to them so that the legacy
+    ``torch.backends.cudnn.allow_tf32`` can still be read) and CUDA matmuls. The per-operator
+    ``fp32_precision`` flags where this torch has them, else the legacy booleans."""
+    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
+    if cudnn_conv is not None and hasattr(cudnn_conv, "fp32_precision"):
+        return [(torch.backends.cudnn.conv, "fp32_precision", "tf32", "ieee"),
+                (torch.backends.cudnn.rnn, "fp32_precision", "tf32", "ieee"),
+                (torch.backends.cuda.matmul, "fp32_precision", "tf32", "ieee")]
+    return [(torch.backends.cudnn, "allow_tf32", True, False), (torch.backends.cuda.matmul, "allow_tf32", True, False)]
+
+
+@contextlib.contextmanager
+def tf32_mode(enabled: bool) -> Iterator[None]:
+    """cuDNN convolutions and CUDA matmuls in TF32 (10-bit mantissa operands) or in full float32 inside
+    the block; the previous settings afterwards. No effect on the CPU's arithmetic."""
+    switches = _tf32_switches()
+    saved = [getattr(owner, name) for owner, name, _, _ in switches]
+    try:
+        for owner, name, on, off in switches:
+            setattr(owner, name, on if enabled else off)
+        yield
+    finally:
+        for (owner, name, _, _), value in zip(switches, saved):
+            setattr(owner, name, value)
+
+
+@pytest.fixture(autouse=True)
+def full_float32_precision() -> Iterator[None]:
+    """Every test runs with TF32 off: on a GPU, PyTorch's default (TF32 convolutions) would make
+    float32 results differ from float64 and reference results by about 1e-3 relative, and the
+    comparisons here are far tighter. Tests of TF32 itself ask for the ``tf32`` fixture."""
+    with tf32_mode(False):
+        yield
+
+
+@pytest.fixture
+def tf32(full_float32_precision) -> Iterator[None]:
+    """TF32 on for the test (after the autouse fixture has turned it off)."""
+    with tf32_mode(True):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ import torch
 from conftest import CUDA_AVAILABLE, FLOAT_DTYPES, assert_bitwise_equal, dtype_id
 from deconvcuda import reference
 from test_ops import (FUSED_CASES, POOL_CASES, _ids, check_max_pool2d_switches, check_unpool_relu,
-                      check_unpool_relu_deconv2d, fused_args, fused_inputs)
+                      check_unpool_relu_deconv2d, fused_args, fused_inputs, pool_inputs)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -106,25 +106,81 @@ CHUNK_VARIANTS = (0, -1, 1, 3)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("case", LAUNCH_CASES, ids=_ids(LAUNCH_CASES))
 def test_launch_variants_agree_bit_for_bit(emulated, dtype, case):
-    """Whatever the launch picks (8, 4 or 1 input channels per thread; 32- or 64-bit indices; taps
-    from global memory, or staged in shared memory in chunks of any size), each output element is
-    summed in the same order: the results are the same bits. The staged variants run the staged
+    """Whatever the launch picks (32, 16, 4 or 1 input channels per thread; 32- or 64-bit indices;
+    taps from global memory, or staged in shared memory in chunks of any size), each output element
+    is summed in the same order: the results are the same bits. The staged variants run the staged
     kernel's blocks on the host with a NaN-filled staging buffer between NaN guards, so a read of a
     tap that the block did not stage would also show here, as NaN."""
     pre_pool, grad, weight, pool_input = fused_inputs(case, dtype, "cpu", "launch_variants")
     _, switches = reference.max_pool2d_switches(pre_pool, *case.pool.args(), ceil_mode=case.pool.ceil_mode)
     args = fused_args(case, pool_input)
     default = emulated.unpool_relu_deconv2d(grad, switches, weight, *args, rule="guided", positive=grad > 0)
-    for channels in (1, 4, 8):
+    for channels in (1, 4, 16, 32):
         for index64, chunks in ((False, CHUNK_VARIANTS), (True, (0, -1))):
             for chunk in chunks:
                 variant = emulated.unpool_relu_deconv2d_variant(grad, switches, weight, *args, "guided", grad > 0,
                                                                 channels, index64, chunk)
                 assert_bitwise_equal(variant, default, f"{channels} channels per thread, index64={index64}, "
                                      f"out_channels_per_chunk={chunk}")
-    unpooled = emulated.unpool_relu(grad, switches, pool_input, *case.pool.args())
-    unpooled64 = emulated.unpool_relu_indexed(grad, switches, pool_input, *case.pool.args(), "deconvnet", None, True)
-    assert_bitwise_equal(unpooled64, unpooled, "unpool_relu, 64-bit indices")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", POOL_CASES[:14] + POOL_CASES[14::6], ids=_ids(POOL_CASES[:14] + POOL_CASES[14::6]))
+def test_32_and_64_bit_indices_agree_bit_for_bit(emulated, dtype, case):
+    """The elements' 32-bit index paths (what the GPU runs for every tensor under 2^31 elements)
+    against their 64-bit twins: max_pool2d_switches and unpool_relu under every rule, and the fused
+    op's route pass and gather, the same bits."""
+    x, grad = pool_inputs(case, dtype, "cpu", "index_paths")
+    p = case.pool
+    out32, switches32 = emulated.max_pool2d_switches_indexed(x, *p.args(), p.ceil_mode, False)
+    out64, switches64 = emulated.max_pool2d_switches_indexed(x, *p.args(), p.ceil_mode, True)
+    assert_bitwise_equal(out32, out64, "max_pool2d_switches output, 32 vs 64-bit indices")
+    assert_bitwise_equal(switches32, switches64, "max_pool2d_switches switches, 32 vs 64-bit indices")
+    positive = out32 > 0
+    for rule, mask in (("deconvnet", None), ("guided", positive), ("gradient", positive), ("gradient", None)):
+        unpooled32 = emulated.unpool_relu_indexed(grad, switches32, case.size, *p.args(), rule, mask, False)
+        unpooled64 = emulated.unpool_relu_indexed(grad, switches32, case.size, *p.args(), rule, mask, True)
+        assert_bitwise_equal(unpooled32, unpooled64, f"unpool_relu rule={rule}, 32 vs 64-bit indices")
+    weight = torch.randn(case.c, 3, 3, 3, generator=torch.Generator().manual_seed(1)).to(dtype)
+    fused = (case.size, *p.args(), (1, 1), (1, 1), (1, 1), 1, case.size)
+    for rule, mask in (("deconvnet", None), ("guided", positive), ("gradient", positive)):
+        fused32 = emulated.unpool_relu_deconv2d_variant(grad, switches32, weight, *fused, rule, mask, 0, False, 0)
+        fused64 = emulated.unpool_relu_deconv2d_variant(grad, switches32, weight, *fused, rule, mask, 0, True, 0)
+        assert_bitwise_equal(fused32, fused64, f"unpool_relu_deconv2d rule={rule}, 32 vs 64-bit indices")
+
+
+def test_fused_index32_needs_int16_origins(emulated):
+    """The fused op runs with 32-bit indices where every tensor has fewer than 2^31 elements and every
+    origin (position * conv_stride - conv_padding) and filter span fits int16."""
+    index32 = emulated.fused_index32
+    ones = (1, 1)
+    assert index32(10**6, 10**4, 10**6, 224, 224, (3, 3), ones, ones, ones)
+    assert index32(10**6, 10**4, 10**6, 1, 32768, (1, 3), ones, (0, 0), ones)          # origins up to 32767
+    assert not index32(10**6, 10**4, 10**6, 1, 32769, (1, 3), ones, (0, 0), ones)      # 32768
+    assert index32(10**6, 10**4, 10**6, 8193, 8, (3, 3), (4, 1), ones, ones)           # 8192 * 4 - 1
+    assert not index32(10**6, 10**4, 10**6, 8193, 8, (3, 3), (4, 1), (0, 0), ones)     # 8192 * 4
+    assert not index32(10**6, 10**4, 10**6, 8, 8, (3, 3), ones, ones, (16384, 1))      # span 32768
+    assert not index32(2**31, 10**4, 10**6, 8, 8, (3, 3), ones, ones, ones)            # 2^31 elements
+    assert not index32(10**6, 10**4, 2**31, 8, 8, (3, 3), ones, ones, ones)
+
+
+def test_origins_at_the_int16_limit(emulated):
+    """A row 32768 positions long under a 1 x 3 conv: origins reach 32767, the largest int16, and
+    pixels lie up to 32769 away from the "nothing routed" origin (-32768): the 32-bit path still
+    gives the 64-bit path's bits and the reference's values; one position longer runs 64-bit."""
+    gen = torch.Generator().manual_seed(11)
+    for width in (32768, 32770):
+        pre_pool = torch.randn(1, 2, 1, width, generator=gen, dtype=torch.float64)
+        grad = torch.randn(1, 2, 1, width // 2, generator=gen, dtype=torch.float64)
+        weight = torch.randn(2, 3, 1, 3, generator=gen, dtype=torch.float64)
+        _, switches = reference.max_pool2d_switches(pre_pool, (1, 2), (1, 2))
+        args = ((1, width), (1, 2), (1, 2), (0, 0), (1, 1), (1, 1), (0, 0), (1, 1), 1, (1, width + 2))
+        assert emulated.fused_index32(grad.numel(), weight.numel(), 3 * (width + 2), 1, width, (1, 3), (1, 1), (0, 0),
+                                      (1, 1)) == (width == 32768)
+        result = emulated.unpool_relu_deconv2d(grad, switches, weight, *args)
+        wide = emulated.unpool_relu_deconv2d_variant(grad, switches, weight, *args, "deconvnet", None, 0, True, 0)
+        assert_bitwise_equal(result, wide, f"width {width}: default vs 64-bit indices")
+        torch.testing.assert_close(result, reference.unpool_relu_deconv2d(grad, switches, weight, *args))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
@@ -153,25 +209,42 @@ def test_staged_blocks_span_images_and_rows(emulated, dtype):
 
 
 STAGED_BUDGET = 24 * 1024  # elements.cuh: kStagedFilterBytes
+EMULATED_RESIDENT_THREADS = 132 * 3 * 256  # tests/cuda_emulation.cpp: an H100's staged kernels
+
+
+def staged_tap_stride(channels, element_size):
+    """elements.cuh's staged layout: a filter position's channels consecutive, padded by 16 bytes
+    where they fill an even number of 16-byte units (so that neighbouring positions use other banks)."""
+    width = channels * element_size
+    return channels if width % 16 or (width // 16) % 2 else channels + 16 // element_size
 
 
 def test_launch_choice(emulated):
-    """Which kernel a shape gets (choose_fused_launch): the staged kernel with the fewest chunks that
-    fit the budget; fewer channels per thread where a chunk of 8 does not fit; the global-memory
-    kernel with one channel per thread for 64-bit indices and for filters too large to stage."""
+    """Which kernel a shape gets (choose_fused_launch): the largest tile of channels per thread whose
+    staged chunk fits the budget and that leaves enough work items for the GPU's resident threads, the
+    staged kernel with the fewest chunks that fit the budget; one channel per thread where no tile
+    leaves enough items; the global-memory kernel for 64-bit indices and for filters too large to
+    stage."""
     launch = emulated.fused_launch
-    # VGG16's block 5 at batch 64 (512 -> 512 channels, 3 x 3, 14 x 14): 8 channels per thread
-    for element_size, chunk in ((4, 74), (2, 128), (8, 40)):
+    # VGG16's block 5 at batch 64 (512 -> 512 channels, 3 x 3, 14 x 14): 32 channels per thread,
+    # 64 * 14 * 14 * 16 = 200,704 items >= 101,376 resident threads
+    for element_size, chunk in ((4, 18), (2, 32), (8, 10)):
         channels, out_channels_per_chunk = launch(64, 1, 512, 512, 9, element_size, 14, 14, True)
-        assert (channels, out_channels_per_chunk) == (8, chunk)
-        assert out_channels_per_chunk * channels * 9 * element_size <= STAGED_BUDGET
-        fits = STAGED_BUDGET // (channels * 9 * element_size)
+        assert (channels, out_channels_per_chunk) == (32, chunk)
+        per_out_channel = 9 * staged_tap_stride(32, element_size) * element_size
+        assert out_channels_per_chunk * per_out_channel <= STAGED_BUDGET
+        fits = STAGED_BUDGET // per_out_channel
         assert -(-512 // out_channels_per_chunk) == -(-512 // fits)  # as few chunks as the budget allows
-    assert launch(64, 1, 512, 512, 9, 4, 14, 14, False) == [1, 0]         # 64-bit indices: global memory
-    assert launch(64, 1, 512, 512, 32 * 32, 4, 14, 14, True) == [4, 1]    # 8 x 32 x 32 floats: 32 KiB
-    assert launch(64, 1, 512, 512, 64 * 64, 4, 14, 14, True) == [1, 1]    # 16 KiB a channel
-    assert launch(64, 1, 512, 512, 64 * 64, 8, 14, 14, True) == [1, 0]    # 32 KiB: global memory
-    assert launch(1, 1, 3, 4, 9, 4, 5, 5, True) == [1, 4]                 # a small call: 1 channel, one chunk
+    # at batch 4, 16 channels per thread leave 25,088 items, too few; 4 leave 100,352, still too few
+    assert launch(4, 1, 512, 512, 9, 4, 14, 14, True)[0] == 1
+    assert launch(8, 1, 512, 512, 9, 4, 14, 14, True)[0] == 4                 # 8 * 196 * 128 = 200,704
+    assert launch(64, 1, 512, 512, 9, 4, 14, 14, False) == [1, 0]              # 64-bit indices: global memory
+    assert launch(64, 1, 512, 512, 32 * 32, 4, 14, 14, True) == [4, 1]         # 4 x 32 x 32 floats: 16 KiB
+    assert launch(64, 1, 512, 512, 64 * 64, 4, 14, 14, True) == [1, 1]         # 16 KiB a channel
+    assert launch(64, 1, 512, 512, 64 * 64, 8, 14, 14, True) == [1, 0]         # 32 KiB: global memory
+    assert launch(1, 1, 3, 4, 9, 4, 5, 5, True) == [1, 4]                      # a small call: 1 channel, one chunk
+    # a first layer (3 input channels): tiles of 4, never more than the next power of two above 3
+    assert launch(2304, 1, 3, 64, 121, 4, 163, 163, True)[0] == 4
 
 
 def test_filters_too_large_to_stage(emulated):
@@ -207,6 +280,29 @@ NEEDS_CUDA = pytest.mark.skipif(not CUDA_AVAILABLE,
                                 reason="CUDA not available: the CUDA kernels are compiled but not run here")
 
 
+def canonical_nan(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU with every NaN replaced by one NaN: the GPU's conversions write other NaN bits
+    (0x7FFF for bfloat16 and float16) than the host's (0x7FC0, 0x7E00), and which NaN is not part of
+    the kernels' arithmetic."""
+    t = t.cpu()
+    return torch.where(torch.isnan(t), torch.full_like(t, float("nan")), t) if t.is_floating_point() else t
+
+
+def assert_same_bits_but_nan(actual: torch.Tensor, expected: torch.Tensor, msg: str) -> None:
+    """Bit for bit, NaN where the other has NaN (any NaN)."""
+    assert_bitwise_equal(canonical_nan(actual), canonical_nan(expected), msg)
+
+
+def test_canonical_nan_makes_nan_bits_equal():
+    device_like = torch.tensor([0x7FFF, 0x3F80], dtype=torch.int16).view(torch.bfloat16)  # NaN, 1.0
+    host_like = torch.tensor([0x7FC0, 0x3F80], dtype=torch.int16).view(torch.bfloat16)
+    with pytest.raises(AssertionError):
+        assert_bitwise_equal(device_like, host_like, "NaN bits differ")
+    assert_same_bits_but_nan(device_like, host_like, "NaN bits canonicalised")
+    with pytest.raises(AssertionError):  # NaN against a number still differs
+        assert_same_bits_but_nan(device_like, torch.ones(2, dtype=torch.bfloat16), "NaN vs 1.0")
+
+
 def _assert_device_matches_emulation(emulated, grad, switches, weight, args, msg):
     """ops.unpool_relu_deconv2d on the GPU against the emulation on the CPU, every rule: the same
     bits (the emulation runs the kernels' own element code, with the same explicit fma)."""
@@ -216,7 +312,7 @@ def _assert_device_matches_emulation(emulated, grad, switches, weight, args, msg
         expected = emulated.unpool_relu_deconv2d(grad, switches, weight, *args, rule=rule, positive=positive)
         on_device = ops.unpool_relu_deconv2d(grad.cuda(), switches.cuda(), weight.cuda(), *args, rule=rule,
                                              positive=None if positive is None else positive.cuda())
-        assert_bitwise_equal(on_device.cpu(), expected, f"{msg}, rule={rule}")
+        assert_same_bits_but_nan(on_device, expected, f"{msg}, rule={rule}")
 
 
 @pytest.mark.cuda
@@ -230,10 +326,13 @@ def test_device_matches_its_emulation(emulated, dtype, case):
     switches = emulated.max_pool2d_switches(pre_pool, *case.pool.args(), case.pool.ceil_mode)[1]
     device_switches = ops.max_pool2d_switches(pre_pool.cuda(), *case.pool.args(), ceil_mode=case.pool.ceil_mode)[1]
     assert_bitwise_equal(device_switches.cpu(), switches, "max_pool2d_switches")
+    device_pooled = ops.max_pool2d_switches(pre_pool.cuda(), *case.pool.args(), ceil_mode=case.pool.ceil_mode)[0]
+    pooled = emulated.max_pool2d_switches(pre_pool, *case.pool.args(), case.pool.ceil_mode)[0]
+    assert_same_bits_but_nan(device_pooled, pooled, "max_pool2d_switches output")
     _assert_device_matches_emulation(emulated, grad, switches, weight, fused_args(case, pool_input), case.name)
     unpooled = ops.unpool_relu(grad.cuda(), switches.cuda(), pool_input, *case.pool.args())
-    assert_bitwise_equal(unpooled.cpu(), emulated.unpool_relu(grad, switches, pool_input, *case.pool.args()),
-                         "unpool_relu")
+    assert_same_bits_but_nan(unpooled, emulated.unpool_relu(grad, switches, pool_input, *case.pool.args()),
+                             "unpool_relu")
 
 
 def _multi_chunk_inputs(kernel, out_channels, seed):

@@ -2,6 +2,8 @@
 the choice is cached per shape; AUTOTUNE=False always runs the native op (bit-reproducible runs)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -41,14 +43,16 @@ def test_choices_are_cached_per_shape_and_autotune_off_runs_the_op(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(dispatch, "CHOICES", {})
+    monkeypatch.setattr(dispatch, "TIMED_RUNS", 3)
+    monkeypatch.setattr(dispatch, "CPU_MEASURE_BUDGET_S", 60.0)  # every timed run fits
     fake_ops = type("Ops", (), {"deconv2d": staticmethod(counted), "max_pool2d_switches": ops.max_pool2d_switches,
                                 "unpool_relu": ops.unpool_relu, "unpool_relu_deconv2d": ops.unpool_relu_deconv2d})
     kernels = dispatch.Dispatcher(fake_ops)
     x, w = torch.randn(2, 4, 5, 5), torch.randn(4, 3, 3, 3)
     first = kernels.deconv2d(x, w, 1, 1, 1, 1, None)
-    assert calls.count("op") == 1 and len(dispatch.CHOICES) == 1  # timed once, then the choice is kept
+    assert calls.count("op") == 1 + 3 and len(dispatch.CHOICES) == 1  # warmed up, timed 3 times, choice kept
     again = kernels.deconv2d(x, w, 1, 1, 1, 1, None)
-    assert calls.count("op") in (1, 2) and len(dispatch.CHOICES) == 1
+    assert calls.count("op") in (4, 5) and len(dispatch.CHOICES) == 1
     torch.testing.assert_close(first, again)
     kernels.deconv2d(torch.randn(1, 4, 5, 5), w, 1, 1, 1, 1, None)
     assert len(dispatch.CHOICES) == 2  # batch sizes count by powers of two: 1 and 2 differ ...
@@ -59,6 +63,52 @@ def test_choices_are_cached_per_shape_and_autotune_off_runs_the_op(monkeypatch):
     calls.clear()
     kernels.deconv2d(torch.randn(5, 4, 5, 5), w, 1, 1, 1, 1, None)
     assert calls == ["op"] and len(dispatch.CHOICES) == 3  # nothing measured, nothing kept
+
+
+class _Timed:
+    """A candidate that sleeps the given seconds on its successive calls (the last one from then on)
+    and returns a tensor naming itself."""
+
+    def __init__(self, name: float, seconds):
+        self.name, self.seconds, self.calls = name, list(seconds), 0
+
+    def __call__(self):
+        time.sleep(self.seconds[min(self.calls, len(self.seconds) - 1)])
+        self.calls += 1
+        return torch.tensor([self.name])
+
+
+def _choice(monkeypatch, candidates) -> float:
+    monkeypatch.setattr(dispatch, "CHOICES", {})
+    kernels = dispatch.Dispatcher(ops)
+    return kernels._choose("test", candidates, ("shape",), torch.zeros(1)).item()
+
+
+def test_a_slow_first_call_is_not_held_against_a_candidate(monkeypatch):
+    """A candidate whose first call builds something (0.3 s here, as cuDNN's plans or a cache) and
+    whose later calls are fast wins over one that is always moderately slow: the warm-up is not timed."""
+    monkeypatch.setattr(dispatch, "CPU_MEASURE_BUDGET_S", 1.0)
+    cold_start = _Timed(1.0, [0.3, 0.005])
+    steady = _Timed(2.0, [0.05])
+    assert _choice(monkeypatch, {"cold start": cold_start, "steady": steady}) == 1.0
+    assert cold_start.calls == 1 + dispatch.TIMED_RUNS
+
+
+def test_the_median_ignores_one_slow_run(monkeypatch):
+    """One run disturbed (a time slice lost to another process) does not decide: the median counts."""
+    monkeypatch.setattr(dispatch, "CPU_MEASURE_BUDGET_S", 1.0)
+    disturbed = _Timed(1.0, [0.005, 0.005, 0.005, 0.3, 0.005])
+    steady = _Timed(2.0, [0.04])
+    assert _choice(monkeypatch, {"disturbed": disturbed, "steady": steady}) == 1.0
+
+
+def test_first_calls_stay_cheap_on_the_cpu(monkeypatch):
+    """On the CPU a candidate that takes longer than the measuring budget runs twice (warm-up and one
+    timed run), not TIMED_RUNS + 1 times; the call returns the chosen candidate's last result."""
+    monkeypatch.setattr(dispatch, "CPU_MEASURE_BUDGET_S", 0.02)
+    slow, fast = _Timed(1.0, [0.06]), _Timed(2.0, [0.03])
+    assert _choice(monkeypatch, {"slow": slow, "fast": fast}) == 2.0
+    assert slow.calls == 2 and fast.calls == 2
 
 
 def test_project_is_bit_reproducible_with_autotune_off(monkeypatch):

@@ -1002,14 +1002,17 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_switches_cpu(const at::Tensor& inp
   // loop's vectors mostly empty (6 outputs a row at AlexNet's pool5): with channels enough to fill
   // them, such an input is pooled channels-last through a transposed copy (4x faster there).
   const bool channels_last = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  if (input.size(0) == 0 || input.size(1) == 0) {  // no outputs: in the input's format, as max_pool2d's
+    const auto input_format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    const std::vector<int64_t> shape = {input.size(0), input.size(1), output_h, output_w};
+    return {at::empty(shape, input.options().memory_format(input_format)),
+            at::empty(shape, input.options().dtype(at::kByte).memory_format(input_format))};
+  }
   const bool pool_channels_last = channels_last || (output_w < kShortRow && input.size(1) >= kChannelsToFill);
   const auto format = pool_channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor output =
       at::empty({input.size(0), input.size(1), output_h, output_w}, input.options().memory_format(format));
   at::Tensor switches = at::empty_like(output, output.options().dtype(at::kByte));
-  if (output.numel() == 0) {
-    return {output, switches};
-  }
   const at::Tensor input_contiguous = input.contiguous(format);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "max_pool2d_switches", [&] {
     if (pool_channels_last) {
