@@ -108,11 +108,9 @@ class AutogradDeconvNet:
                 neurons: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``channel``: each image's strongest activation of that map (first maximum, row-major);
         ``neurons`` [P, 4] (image, channel, y, x): one forward row per projection."""
+        # the images as given, as the model runs on them (and as deconvcuda's forward does): the
+        # memory format decides how a convolution rounds, and so near-ties in the max pools
         x = images if neurons is None else images.index_select(0, neurons[:, 0])
-        if x.device.type == "cpu":
-            # channels-last, as deconvcuda's own forward on the CPU: oneDNN is faster on it, and the
-            # same layout rounds the same, so near-ties in the max pools pick the same switches
-            x = x.contiguous(memory_format=torch.channels_last)
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             out = self.forward(x)

