@@ -299,7 +299,7 @@ def gather_images(data, indices, batch_size: int = 64) -> torch.Tensor:
             raise ValueError(f"{caller}: data as a tensor must be [N, C, H, W], got {data.dim()}-D")
         if indices and max(indices) >= data.shape[0]:
             raise IndexError(f"{caller}: index {max(indices)} is out of range for data of {data.shape[0]} images")
-        return data.index_select(0, torch.tensor(indices, dtype=torch.long, device=data.device))
+        return data[torch.tensor(indices, dtype=torch.long, device=data.device)]
     if not indices:
         raise ValueError(f"{caller}: no indices given, so the image shape is unknown")
     if is_map_dataset(data):

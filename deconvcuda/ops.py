@@ -85,7 +85,8 @@ def deconv2d(input: torch.Tensor, weight: torch.Tensor, stride: IntPair = 1, pad
              dilation: IntPair = 1, groups: int = 1, output_size=None) -> torch.Tensor:
     """The transposed convolution with the forward Conv2d's weight ``[C_out, C_in/groups, kh, kw]``
     (``conv_transpose2d``, no bias): the input-gradient of that conv. ``output_size`` picks the exact
-    spatial size (the forward input's); by default the smallest one."""
+    spatial size (the forward input's); by default the smallest one. The output has the input's
+    memory format (channels-last stays channels-last, as with ``conv_transpose2d``)."""
     op = "deconv2d"
     stride, padding, dilation = (checked_pair(stride, op, "stride"), checked_pair(padding, op, "padding"),
                                  checked_pair(dilation, op, "dilation"))
@@ -257,7 +258,9 @@ def _(input, weight, stride, padding, dilation, groups, output_size):
     _check_floating(op, "input", input)
     channels = _check_deconv_weight_and_size(op, "input", input, weight, input.shape[2:], stride, padding, dilation,
                                              groups, output_size)
-    return input.new_empty((input.shape[0], channels, output_size[0], output_size[1]))
+    # in the input's memory format, as ATen's transposed convolution (csrc/common/checks.h's deconv2d)
+    return torch.empty((input.shape[0], channels, output_size[0], output_size[1]), dtype=input.dtype,
+                       device=input.device, memory_format=suggest_memory_format(input))
 
 
 @torch.library.register_fake("deconvcuda::unpool_relu_deconv2d")

@@ -39,13 +39,14 @@ class Rule:
     #: The rule name the native kernels take (their policy type), or None where they do not serve it.
     kernel: ClassVar[Optional[str]]
 
-    def rectifier(self, g: torch.Tensor, passed: Optional[torch.Tensor]) -> torch.Tensor:
+    def rectifier(self, g: torch.Tensor, passed) -> torch.Tensor:
         """The reverse of a rectifier: ``g`` at its output -> the signal at its input. ``passed``: the
-        forward's pass-through mask (bool, shaped like ``g``), given where ``masked``."""
+        forward's pass-through mask (bool, shaped like ``g``), or a function that multiplies by it,
+        given where ``masked``."""
         if self.rectifies:
             g = torch.relu(g)
         if self.masked:
-            g = g * passed
+            g = passed(g) if callable(passed) else g * passed
         return g
 
     def reverse(self, kind: Any, g: torch.Tensor, at: Any) -> List[Optional[torch.Tensor]]:

@@ -16,7 +16,7 @@ occluder can change, carried from the input up through the layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -125,17 +125,20 @@ class Windows:
         out.scatter_(2, flat[:, None, :].expand(p, c, flat.shape[1]), g.reshape(p, c, -1))
         return out[:, :, :plane].reshape(p, c, size[0], size[1])
 
-    def add_into(self, out: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Add the windows [P, C, h, w] into maps ``out`` [P, C, H, W] in place; positions outside the
-        map are dropped, so every real position receives exactly its own value."""
+    def add_into(self, out: torch.Tensor, g: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Add the windows [P, C, h, w] into maps ``out`` in place (window p into map ``rows[p]``,
+        default p); positions outside the map are dropped, so every real position receives exactly its
+        own value."""
+        if rows is None:
+            rows = torch.arange(g.shape[0], device=out.device)
         if out.device.type != "cpu":  # one kernel for all windows (a slice each would be a launch each)
-            return out.add_(self.paste(g, out.shape[2:]))
+            return out.index_add_(0, rows, self.paste(g, out.shape[2:]))
         # On the CPU a slice per window, clipped to the map: it reads and writes only the window
         # (scatter_add_ with an index per position moved three times the bytes).
-        tops, lefts = self.top.tolist(), self.left.tolist()
+        tops, lefts, rows = self.top.tolist(), self.left.tolist(), rows.tolist()
         for p, (y0, y1, x0, x1) in enumerate(self._inside_bounds(out.shape[2:])):
             if y0 < y1 and x0 < x1:
-                out[p, :, tops[p] + y0:tops[p] + y1, lefts[p] + x0:lefts[p] + x1].add_(g[p, :, y0:y1, x0:x1])
+                out[rows[p], :, tops[p] + y0:tops[p] + y1, lefts[p] + x0:lefts[p] + x1].add_(g[p, :, y0:y1, x0:x1])
         return out
 
     def embed(self, g: torch.Tensor, outer: "Windows") -> torch.Tensor:

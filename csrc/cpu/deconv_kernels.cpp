@@ -1060,22 +1060,6 @@ at::Tensor unpool_relu_cpu(const at::Tensor& grad, const at::Tensor& switches, a
   return output;
 }
 
-at::Tensor deconv2d_cpu(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
-                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                        at::IntArrayRef output_size) {
-  checks::check_deconv2d(input, weight, stride, padding, dilation, groups, output_size);
-  const int64_t output_channels = weight.size(1) * groups;
-  if (input.numel() == 0 || weight.numel() == 0) {
-    // No sample, or a sum over no channel or no tap: zeros (ATen's convolutions reject some of
-    // these shapes).
-    return at::zeros({input.size(0), output_channels, output_size[0], output_size[1]}, input.options());
-  }
-  // NCHW in, NCHW out, whatever memory format the caller's tensors have.
-  return checks::deconv2d_aten(input.contiguous(), weight.contiguous(), stride, padding, dilation, groups,
-                               output_size)
-      .contiguous();
-}
-
 at::Tensor unpool_relu_deconv2d_cpu(const at::Tensor& grad, const at::Tensor& switches, const at::Tensor& weight,
                                     at::IntArrayRef input_size, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                     at::IntArrayRef padding, at::IntArrayRef dilation, at::IntArrayRef conv_stride,
@@ -1142,7 +1126,7 @@ at::Tensor unpool_relu_deconv2d_cpu(const at::Tensor& grad, const at::Tensor& sw
 TORCH_LIBRARY_IMPL(deconvcuda, CPU, m) {
   m.impl("max_pool2d_switches", TORCH_FN(max_pool2d_switches_cpu));
   m.impl("unpool_relu", TORCH_FN(unpool_relu_cpu));
-  m.impl("deconv2d", TORCH_FN(deconv2d_cpu));
+  m.impl("deconv2d", TORCH_FN(checks::deconv2d));
   m.impl("unpool_relu_deconv2d", TORCH_FN(unpool_relu_deconv2d_cpu));
 }
 

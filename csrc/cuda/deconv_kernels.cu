@@ -201,22 +201,6 @@ at::Tensor unpool_relu_cuda(const at::Tensor& grad, const at::Tensor& switches, 
 // deconv2d: cuDNN's transposed convolution, deterministic
 // --------------------------------------------------------------------------------------------- //
 
-at::Tensor deconv2d_cuda(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
-                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                         at::IntArrayRef output_size) {
-  checks::check_deconv2d(input, weight, stride, padding, dilation, groups, output_size);
-  at::cuda::CUDAGuard device_guard(input.device());
-  if (input.numel() == 0 || weight.numel() == 0) {
-    // Nothing to sum (a batch of 0, or no channels): zeros of the output's shape.
-    return at::zeros({input.size(0), weight.size(1) * groups, output_size[0], output_size[1]}, input.options());
-  }
-  // NCHW in, NCHW out, whatever the callers' layouts: cuDNN would otherwise follow a channels_last
-  // input and return channels_last.
-  return checks::deconv2d_aten(input.contiguous(), weight.contiguous(), stride, padding, dilation, groups,
-                               output_size)
-      .contiguous();
-}
-
 // --------------------------------------------------------------------------------------------- //
 // unpool_relu_deconv2d: the route pass and the fused sparse gather (elements.cuh)
 // --------------------------------------------------------------------------------------------- //
@@ -424,6 +408,6 @@ at::Tensor unpool_relu_deconv2d_cuda(const at::Tensor& grad, const at::Tensor& s
 TORCH_LIBRARY_IMPL(deconvcuda, CUDA, m) {
   m.impl("max_pool2d_switches", TORCH_FN(deconvcuda::max_pool2d_switches_cuda));
   m.impl("unpool_relu", TORCH_FN(deconvcuda::unpool_relu_cuda));
-  m.impl("deconv2d", TORCH_FN(deconvcuda::deconv2d_cuda));
+  m.impl("deconv2d", TORCH_FN(deconvcuda::checks::deconv2d));
   m.impl("unpool_relu_deconv2d", TORCH_FN(deconvcuda::unpool_relu_deconv2d_cuda));
 }

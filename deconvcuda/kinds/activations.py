@@ -30,13 +30,10 @@ class Rectifier(Kind):
         if not keeper.rule.masked:
             return y, None
         mask = self.pass_through(y)
-        return y, (keeper.rows(mask) if mask.dim() == 4 else mask)
+        return y, keeper.keep(mask)
 
     def reverse(self, g, at):
-        mask = None
-        if at.rule.masked:
-            mask = at.map_of(at.saved) if at.saved.dim() == 4 else at.saved.index_select(0, at.images)
-        return [at.rule.rectifier(g, mask)]
+        return [at.rule.rectifier(g, lambda g: at.multiply(g, at.saved))]
 
 
 @register

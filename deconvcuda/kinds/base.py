@@ -24,7 +24,7 @@ from ..geometry import pair
 from ..rules import Rule
 from ..windows import Cone, Windows
 
-__all__ = ["Kind", "register", "Call", "At", "Keeper", "MODULE_KINDS", "FUNCTION_KINDS", "METHOD_KINDS", "KINDS",
+__all__ = ["Kind", "register", "Call", "At", "Keeper", "Kept", "MODULE_KINDS", "FUNCTION_KINDS", "METHOD_KINDS", "KINDS",
            "Shape", "Constant", "Unrepresentable", "NotNative", "pair", "numel", "vjp", "linear_vjp", "is_shape"]
 
 Shape = Tuple[int, ...]  # one image's shape: (C, H, W), (T, D) or (F,)
@@ -104,9 +104,26 @@ def vjp(function: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], g
 
 
 def linear_vjp(function: Callable[[torch.Tensor], torch.Tensor], in_shape, g: torch.Tensor) -> torch.Tensor:
-    """The gradient of a linear ``function`` (pools, means, pads, slices) at any point: autograd at
-    zeros of the per-image ``in_shape``, for g's batch."""
-    return vjp(function, [g.new_zeros((g.shape[0],) + tuple(in_shape))], g)[0]
+    """The gradient of a linear ``function`` (pools, means, pads, slices, permutes) at any point:
+    autograd's at zero (one zero broadcast to the per-image ``in_shape``, for g's batch: nothing is
+    allocated for it)."""
+    return vjp(function, [g.new_zeros(()).expand((g.shape[0],) + tuple(in_shape))], g)[0]
+
+
+def _row(kept, image: int) -> torch.Tensor:
+    """One image's row of a kept tensor (or ``Kept`` map), [1, ...]."""
+    return (kept.tensor if isinstance(kept, Kept) else kept)[image:image + 1]
+
+
+def _vjp_at(function, inputs, per_image, g) -> List[Optional[torch.Tensor]]:
+    """vjp over the floating-point per-image inputs (None for the others: values, and integer data
+    such as indices computed from the images, which have no gradient)."""
+    wanted = [x if image_wise and x.is_floating_point() else None for x, image_wise in zip(inputs, per_image)]
+
+    def call(*leaves):
+        return function(*[leaf if leaf is not None else x for leaf, x in zip(leaves, inputs)])
+
+    return vjp(call, wanted, g)
 
 
 class Call:
@@ -166,20 +183,34 @@ class Call:
         raise NotNative(problem)
 
 
+class Kept:
+    """A map [N, C, H, W] the forward kept for the reverse, as the forward made it (whatever its memory
+    format), and its rows [N, H, W, C] (one contiguous row of C values per image position, so that any
+    projection's window is a gather of rows), made on first use: only reverses on windows need them."""
+
+    __slots__ = ("tensor", "_rows")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor, self._rows = tensor, None
+
+    def rows(self) -> torch.Tensor:
+        if self._rows is None:
+            self._rows = self.tensor.permute(0, 2, 3, 1).contiguous()
+        return self._rows
+
+
 class Keeper:
     """What a forward that feeds a reverse keeps: each kind asks it for the kernels and the rule, and
-    stores what its reverse reads. Maps [N, C, H, W] are kept channels-last ([N, H, W, C]), so that any
-    projection's window of them is a gather of contiguous rows."""
+    stores what its reverse reads."""
 
     def __init__(self, kernels, rule: Rule, lrn: str):
         self.kernels, self.rule, self.lrn = kernels, rule, lrn
         self.saved: Dict[Any, Any] = {}  # per graph node, what its kind kept
 
     @staticmethod
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        """[N, C, H, W] -> [N, H, W, C] contiguous (one row of C values per image position); other
-        tensors are kept as they are."""
-        return t.permute(0, 2, 3, 1).contiguous() if t.dim() == 4 else t
+    def keep(t: torch.Tensor):
+        """A tensor kept per image: maps as ``Kept`` (their windows can be cropped), others as they are."""
+        return Kept(t) if t.dim() == 4 else t
 
 
 @dataclass
@@ -198,6 +229,9 @@ class At:
     lrn: str
     kernels: Any
     values: Optional[List[Any]] = None
+    #: The chunk's projections grouped by image: (image, start, stop), consecutive (the engine sorts
+    #: projections by image), so a kept tensor's row serves a whole run by broadcasting.
+    runs: Optional[List[Tuple[int, int, int]]] = None
 
     def value(self, index: int, kept: Any) -> Any:
         """Value input ``index`` for this chunk: recomputed for its batch where it depends on the
@@ -206,15 +240,54 @@ class At:
             return self.values[index]
         return kept
 
-    def map_of(self, saved: torch.Tensor, windows: Optional[Windows] = "output") -> torch.Tensor:
-        """A kept tensor aligned with the gradient: the projections' images, a map [N, H, W, C] as
-        [P, C, h, w] cropped to ``windows`` (default: the output windows) or whole."""
-        if saved.dim() != 4:
-            return saved.index_select(0, self.images)
+    def multiply(self, g: torch.Tensor, kept) -> torch.Tensor:
+        """``g`` times ``kept`` (a per-image tensor, or a ``Kept`` map) aligned with it: each
+        projection's image's row, on windows its window (a kept tensor that is no map is broadcast
+        over the positions, whole). On whole maps it runs run by run, broadcasting one kept row over
+        the run, so the kept tensor is never copied per projection."""
+        if self.windows is not None or self.runs is None:
+            return g * self.map_of(kept)
+        if len(self.runs) == 1:
+            return g * _row(kept, self.runs[0][0])
+        dtype = (kept.tensor if isinstance(kept, Kept) else kept).dtype
+        out = torch.empty_like(g, dtype=torch.promote_types(g.dtype, dtype))
+        for image, start, stop in self.runs:
+            torch.mul(g[start:stop], _row(kept, image), out=out[start:stop])
+        return out
+
+    def vjp(self, function: Callable[..., torch.Tensor], kept: Sequence[Any], per_image: Sequence[bool],
+            g: torch.Tensor) -> List[Optional[torch.Tensor]]:
+        """autograd's gradient of ``function(*inputs)`` at each per-image input, for the projections of
+        this chunk: ``kept[i]`` is the forward's input i, per image ([N, ...], or a ``Kept`` map) where
+        ``per_image[i]``, else passed as it is (a value). On whole maps it runs once per run of
+        projections of one image, that image's inputs broadcast over the run (no copy per projection);
+        on windows, kept maps are cropped to them and other per-image inputs taken whole."""
+        if self.windows is not None or self.runs is None:
+            inputs = [self.map_of(k) if image_wise else k for k, image_wise in zip(kept, per_image)]
+            return _vjp_at(function, inputs, per_image, g)
+        parts: List[List[torch.Tensor]] = []
+        for image, start, stop in self.runs:
+            inputs = []
+            for k, image_wise in zip(kept, per_image):
+                if image_wise:
+                    k = _row(k, image)
+                    k = k.expand((stop - start,) + tuple(k.shape[1:]))
+                inputs.append(k)
+            parts.append(_vjp_at(function, inputs, per_image, g[start:stop]))
+        if len(parts) == 1:
+            return parts[0]
+        return [None if grads[0] is None else torch.cat(grads) for grads in zip(*parts)]
+
+    def map_of(self, saved, windows: Optional[Windows] = "output") -> torch.Tensor:
+        """A kept tensor aligned with the gradient, a row per projection (its image's): a ``Kept`` map
+        [N, C, H, W] as [P, C, h, w] cropped to ``windows`` (default: the output windows) or whole;
+        another tensor whole."""
+        if not isinstance(saved, Kept):
+            return saved[self.images]
         windows = self.windows if windows == "output" else windows
         if windows is None:
-            return saved.index_select(0, self.images).permute(0, 3, 1, 2)
-        return windows.crop(saved, self.images)
+            return saved.tensor[self.images]
+        return windows.crop(saved.rows(), self.images)
 
 
 class Kind:

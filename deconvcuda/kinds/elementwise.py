@@ -13,7 +13,7 @@ import operator
 
 import torch
 
-from .base import Kind, is_shape, register, vjp
+from .base import Kind, is_shape, register
 
 __all__ = ["Elementwise"]
 
@@ -22,6 +22,12 @@ _SUB = (operator.sub, operator.isub, torch.sub, torch.subtract, "sub", "sub_", "
 _MUL = (operator.mul, operator.imul, torch.mul, torch.multiply, "mul", "mul_", "multiply")
 _DIV = (operator.truediv, operator.itruediv, torch.div, torch.divide, torch.true_divide, "div", "div_", "divide",
         "true_divide")
+
+
+def _reduced(grad: torch.Tensor, shape, g: torch.Tensor) -> torch.Tensor:
+    """``grad`` summed over the dims its operand (per-image ``shape``) was broadcast along."""
+    target = (g.shape[0],) + tuple(shape)
+    return grad if tuple(grad.shape) == target else grad.sum_to_size(target)
 
 
 def _hashable_in(target, forms) -> bool:
@@ -40,6 +46,7 @@ class Elementwise(Kind):
         self.template, self.operation, self.operands, self.alpha = template, operation, operands, alpha
         self.windowed = True  # narrowed by output_shape once the operands' shapes are known
         self.broadcast = [False] * len(operands)
+        self.data = [True] * len(operands)
 
     @classmethod
     def from_call(cls, call):
@@ -87,6 +94,7 @@ class Elementwise(Kind):
             raise ValueError(f"combines operands of shapes {[list(s) for s in per_image]} that do not broadcast "
                              f"({error})") from None
         self.same_shapes = all(tuple(s) == out for s in per_image)
+        self.data = [is_shape(shape) for shape in shapes]
         self.broadcast = [tuple(s) != out for s in per_image]
         spatial = len(out) == 3
         # windows: every operand the output's shape, or constant over the positions (size 1 there)
@@ -103,39 +111,44 @@ class Elementwise(Kind):
         return self.template(inputs, self.template.like(inputs))
 
     def forward_keeping(self, inputs, keeper):
+        """What the reverse reads: nothing for a sum (its gradient is g), the values for a product of
+        one data operand (g times them), every operand else (maps as rows, for their windows)."""
         out = self.forward(*inputs)
         if self.operation in "+-":
-            return out, list(inputs) if any(self.broadcast) else None
-        return out, [keeper.rows(x) if isinstance(x, torch.Tensor) and not self.broadcast[i] and x.dim() == 4
+            return out, None
+        single = self.operation == "*" and sum(self.data) == 1
+        return out, [None if single and self.data[i] else keeper.keep(x) if self.data[i] and not self.broadcast[i]
                      else x for i, x in enumerate(inputs)]
 
     def input_windows(self, windows, in_shapes):
         return [windows if is_shape(shape) and not self.broadcast[i] else None for i, shape in enumerate(in_shapes)]
 
     def reverse(self, g, at):
-        data = [i for i, shape in enumerate(at.in_shapes) if is_shape(shape)]
-        if self.operation in "+-" and at.saved is None:  # operands of the output's shape: g itself
-            return [self._signed(g, i) if i in data else None for i in range(len(at.in_shapes))]
-        inputs = []
-        for i, (kept, shape) in enumerate(zip(at.saved, at.in_shapes)):
-            if not is_shape(shape):
-                inputs.append(at.value(i, kept))
-            elif self.broadcast[i]:
-                inputs.append(kept.index_select(0, at.images))
-            else:
-                inputs.append(at.map_of(kept))
+        data = [is_shape(shape) for shape in at.in_shapes]
+        if self.operation in "+-":  # g itself (signed, scaled by alpha), summed where it was broadcast
+            return [None if not data[i] else _reduced(self._signed(g, i), at.in_shapes[i], g) if self.broadcast[i]
+                    else self._signed(g, i) for i in range(len(at.in_shapes))]
+        kept = [k if data[i] else at.value(i, k) for i, k in enumerate(at.saved)]
+        if self.operation == "*":  # each operand's gradient: g times the other operand
+            grads = [None] * len(kept)
+            for i in (i for i in range(len(kept)) if data[i]):
+                others = [j for j in range(len(kept)) if j != i]
+                if not others:  # x * literal
+                    grad = g * self._literal()
+                elif data[others[0]]:
+                    grad = at.multiply(g, kept[others[0]])
+                else:
+                    other = kept[others[0]]
+                    if isinstance(other, torch.Tensor):
+                        other = other.to(device=g.device, dtype=torch.promote_types(g.dtype, other.dtype))
+                    grad = g * other
+                grads[i] = _reduced(grad, at.in_shapes[i], g) if self.broadcast[i] else grad
+            return grads
+        return at.vjp(self.forward, kept, data, g)
 
-        def call(*leaves):
-            full = list(inputs)
-            for i, leaf in zip(data, leaves):
-                full[i] = leaf
-            return self.forward(*full)
-
-        grads = vjp(call, [inputs[i] for i in data], g)
-        result = [None] * len(at.in_shapes)
-        for i, grad in zip(data, grads):
-            result[i] = grad
-        return result
+    def _literal(self):
+        """The literal factor of ``x * c`` (the operand that is not an input)."""
+        return next(value for kind, value in self.operands if kind == "literal")
 
     def _signed(self, g, index: int):
         """The gradient of a sum or difference at operand ``index``: g, -alpha * g or alpha * g."""

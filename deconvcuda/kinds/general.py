@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
-from .base import At, Constant, Kind, Unrepresentable, is_shape, vjp
+from .base import Constant, Kind, Unrepresentable, is_shape
 
 __all__ = ["Ref", "Nested", "Template", "Value", "General", "replay_at", "per_image_shape", "shapes_in",
            "NOMINAL_BATCHES"]
@@ -237,37 +237,6 @@ class General(Kind):
     def forward_keeping(self, inputs, keeper):
         return self.forward(*inputs), list(inputs)
 
-    def inputs_for(self, at: At) -> List[Any]:
-        """The call's inputs for this chunk's projections: data rows by image, values as computed
-        for the chunk's batch (where they depend on it) or as the forward had them."""
-        inputs = []
-        for i, (kept, shape) in enumerate(zip(at.saved, at.in_shapes)):
-            inputs.append(kept.index_select(0, at.images) if is_shape(shape) else at.value(i, kept))
-        return inputs
-
     def reverse(self, g, at):
-        inputs = self.inputs_for(at)
-        data = [i for i, shape in enumerate(at.in_shapes) if is_shape(shape)]
-
-        def call(*leaves):
-            full = list(inputs)
-            for i, leaf in zip(data, leaves):
-                full[i] = leaf
-            return self.forward(*full)
-
-        grads = _vjp_floating(call, [inputs[i] for i in data], g)
-        result: List[Optional[torch.Tensor]] = [None] * len(inputs)
-        for i, grad in zip(data, grads):
-            result[i] = grad
-        return result
-
-
-def _vjp_floating(function, inputs: Sequence[torch.Tensor], g: torch.Tensor) -> List[Optional[torch.Tensor]]:
-    """vjp over the floating-point inputs; an integer data input (indices computed from the images)
-    has no gradient: None, and nothing flows to it."""
-    floating = [x if x.is_floating_point() or x.is_complex() else None for x in inputs]
-
-    def call(*leaves):
-        return function(*[leaf if leaf is not None else x for leaf, x in zip(leaves, inputs)])
-
-    return vjp(call, floating, g)
+        kept = [k if is_shape(shape) else at.value(i, k) for i, (k, shape) in enumerate(zip(at.saved, at.in_shapes))]
+        return at.vjp(self.forward, kept, [is_shape(shape) for shape in at.in_shapes], g)

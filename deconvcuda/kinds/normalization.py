@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Kind, register, vjp
-from .general import General
 
 __all__ = ["BatchNorm", "LayerNorm", "LocalResponseNorm", "LRN_MODES"]
 
@@ -82,13 +81,63 @@ class BatchNorm(Kind):
 
 
 @register
-class LayerNorm(General):
-    """Layer norm over the trailing dims: its exact gradient, autograd's, at the kept input."""
+class LayerNorm(Kind):
+    """Layer norm over the trailing dims: its exact gradient, ATen's own layer-norm backward at the
+    input, mean and reciprocal deviation the forward kept (one pass over the images; nothing is
+    recomputed per projection)."""
 
     name = "LayerNorm"
     modules = (nn.LayerNorm,)
     functions = (F.layer_norm,)
     arguments = ("input", "normalized_shape", "weight", "bias", "eps")
+    windowed = False
+    paper = False
+
+    def __init__(self, normalized_shape, weight, bias, eps, label):
+        self.normalized_shape = [int(n) for n in ((normalized_shape,) if isinstance(normalized_shape, int)
+                                                  else normalized_shape)]
+        self.weight, self.bias, self.eps, self.label = weight, bias, eps, label
+
+    @classmethod
+    def from_module(cls, module, call):
+        call.data("input")
+        return cls(module.normalized_shape, module.weight, module.bias, module.eps, type(module).__name__)
+
+    @classmethod
+    def from_call(cls, call):
+        shape = call.get("normalized_shape")
+        if not isinstance(shape, (int, list, tuple)) or not all(isinstance(n, int) for n in (
+                (shape,) if isinstance(shape, int) else shape)):
+            call.unsupported("normalises over a shape computed in the forward")
+        call.data("input")
+        return cls(shape, call.parameter("weight", optional=True), call.parameter("bias", optional=True),
+                   call.get("eps", 1e-5), "F.layer_norm")
+
+    def describe_reverse(self, rule):
+        return f"its gradient ({self.label})"
+
+    def output_shape(self, shape):
+        if tuple(shape[len(shape) - len(self.normalized_shape):]) != tuple(self.normalized_shape):
+            raise ValueError(f"normalises over {self.normalized_shape}, but its input is "
+                             f"[N, {', '.join(map(str, shape))}]")
+        return shape
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.cast(self.weight, x), self.cast(self.bias, x), self.eps)
+
+    def forward_keeping(self, inputs, keeper):
+        """F.layer_norm is ATen's native_layer_norm: the same output, and its mean and 1/deviation."""
+        x = inputs[0]
+        out, mean, rstd = torch.native_layer_norm(x, self.normalized_shape, self.cast(self.weight, x),
+                                                  self.cast(self.bias, x), self.eps)
+        return out, (x.contiguous(), mean, rstd)
+
+    def reverse(self, g, at):
+        x, mean, rstd = (kept[at.images] for kept in at.saved)
+        weight = self.cast(self.weight, g)
+        grad = torch.ops.aten.native_layer_norm_backward(g.contiguous(), x, self.normalized_shape, mean, rstd, weight,
+                                                         None, [True, False, False])[0]
+        return [grad]
 
 
 @register
@@ -131,7 +180,7 @@ class LocalResponseNorm(Kind):
         return self._lrn(x.to(wide)).to(x.dtype)
 
     def forward_keeping(self, inputs, keeper):
-        return self.forward(inputs[0]), (keeper.rows(inputs[0]) if keeper.lrn == "gradient" else None)
+        return self.forward(inputs[0]), (keeper.keep(inputs[0]) if keeper.lrn == "gradient" else None)
 
     def reverse(self, g, at):
         if at.lrn == "identity":

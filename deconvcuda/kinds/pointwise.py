@@ -1,14 +1,14 @@
 """Pointwise activations other than the rectifiers (SiLU, GELU, Hardswish, Hardsigmoid, sigmoid, tanh,
 LeakyReLU, ELU, Mish, Softplus, ...): the output at a position reads only the input there. Their
-forward is the model's own call; their reverse the exact gradient f'(x) * g, autograd's, at the input
-the forward kept, on receptive-field windows like any pointwise layer."""
+forward is the model's own call; their reverse the exact gradient g * f'(x), with f'(x) autograd's,
+taken once in the forward, on receptive-field windows like any pointwise layer."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Kind, register, vjp
+from .base import Kind, register
 
 __all__ = ["Pointwise"]
 
@@ -48,10 +48,13 @@ class Pointwise(Kind):
         return self.template(inputs, self.template.like(inputs))
 
     def forward_keeping(self, inputs, keeper):
-        return self.forward(*inputs), (keeper.rows(inputs[0]), list(inputs[1:]))
+        """The forward and its derivative f'(x), from one autograd pass over the images: the reverse
+        is then g * f'(x), with nothing recomputed per projection."""
+        with torch.enable_grad():
+            x = inputs[0].detach().requires_grad_(True)
+            y = self.forward(x, *inputs[1:])
+            (derivative,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        return y.detach(), keeper.keep(derivative)
 
     def reverse(self, g, at):
-        x, rest = at.saved
-        rest = [at.value(1 + i, kept) for i, kept in enumerate(rest)]
-        (grad,) = vjp(lambda t: self.forward(t, *rest), [at.map_of(x)], g)
-        return [grad] + [None] * len(rest)
+        return [at.multiply(g, at.saved)] + [None] * (len(at.in_shapes) - 1)

@@ -91,8 +91,8 @@ class MaxPool(Kind):
                                                               self.dilation, self.ceil_mode)
         # guided and gradient mask a fused ReLU below by whether the pooled value was > 0 (at the switch,
         # the ReLU's output is the pooled value); the deconvnet rule needs only the switches
-        positive = keeper.rows(pooled > 0) if keeper.rule.masked else None
-        return pooled, (keeper.rows(switches), positive)
+        positive = keeper.keep(pooled > 0) if keeper.rule.masked else None
+        return pooled, (keeper.keep(switches), positive)
 
     def grow(self, windows):
         return windows.grow(extent(self.kernel_size, self.dilation), self.stride, self.padding)
