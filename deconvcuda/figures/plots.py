@@ -1,11 +1,13 @@
-"""The figures of the analyses, drawn with matplotlib (its object API: no pyplot, no global state).
+"""The figures of the analyses (the paper's Figs. 4, 5 and 7), drawn with matplotlib (its object API:
+no pyplot, no global state).
 
     occlusion_figure(path, image, values, window=16, stride=8, projection=..., probabilities=..., classes=...)
     invariance_figure(path, transform, amounts, {layer: distances}, probabilities=...)
     evolution_figure(path, cells, checkpoint_labels, channel_labels)
+    draw_evolution(path, projections, channel_order, checkpoint_labels, channel_labels, title)
 
 Images come in as ``[3, H, W]`` RGB floats in [0, 1] (``Preprocessing.to_display``,
-``figures.projections_to_rgb``); every function writes one PNG and returns its path.
+``render.projections_to_rgb``); every function writes one PNG and returns its path.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-__all__ = ["occlusion_figure", "invariance_figure", "evolution_figure"]
+__all__ = ["occlusion_figure", "invariance_figure", "evolution_figure", "draw_evolution"]
 
 PathLike = Union[str, os.PathLike]
 DPI = 100
@@ -26,7 +28,7 @@ def _figure(width: float, height: float):
     try:
         from matplotlib.figure import Figure
     except ModuleNotFoundError:
-        raise ModuleNotFoundError("deconvcuda.analyses: the figures are drawn with matplotlib; install it with "
+        raise ModuleNotFoundError("deconvcuda.figures: the analyses' figures are drawn with matplotlib; install it with "
                                   "`pip install matplotlib`") from None
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
@@ -42,7 +44,7 @@ def _hwc(image: torch.Tensor) -> np.ndarray:
     """[3, H, W] (or [1, H, W]) floats in [0, 1] -> [H, W, 3] numpy."""
     image = image.detach().to("cpu", torch.float32).clamp(0.0, 1.0)
     if image.dim() != 3:
-        raise ValueError(f"deconvcuda.analyses: expected an image [3, H, W], got {list(image.shape)}")
+        raise ValueError(f"deconvcuda.figures: expected an image [3, H, W], got {list(image.shape)}")
     if image.shape[0] == 1:
         image = image.expand(3, -1, -1)
     return image.permute(1, 2, 0).numpy()
@@ -180,3 +182,35 @@ def evolution_figure(path: PathLike, cells: torch.Tensor, checkpoint_labels: Seq
     if title:
         figure.suptitle(title, fontsize=10)
     return _save(figure, path)
+
+
+def draw_evolution(path, cells: torch.Tensor, channel_order: str, checkpoint_labels, channel_labels, title: str):
+    """``evolution``'s result [T, K, C, H, W] as the figure: each projection shown zero-centred on its own
+    contrast, cropped to the square around where it is non-zero."""
+    from .render import projections_to_rgb
+
+    steps, rows = cells.shape[:2]
+    rgb = projections_to_rgb(cells.flatten(0, 1).cpu(), channel_order)
+    magnitude = cells.flatten(0, 1).abs().sum(dim=1).cpu()          # [T * K, H, W]
+    crops = []
+    for i in range(rgb.shape[0]):
+        crops.append(_crop_to_support(rgb[i], magnitude[i]))
+    side = max(crop.shape[-1] for crop in crops)
+    resized = torch.stack([torch.nn.functional.interpolate(crop[None], size=(side, side), mode="nearest")[0]
+                           for crop in crops])
+    return evolution_figure(path, resized.view(steps, rows, 3, side, side), checkpoint_labels, channel_labels, title)
+
+
+def _crop_to_support(image: torch.Tensor, magnitude: torch.Tensor, share: float = 0.02) -> torch.Tensor:
+    """The smallest square of ``image`` [3, H, W] holding every pixel whose ``magnitude`` is above
+    ``share`` of the largest (the whole image where the projection is zero)."""
+    height, width = magnitude.shape
+    peak = float(magnitude.max())
+    if peak <= 0:
+        return image
+    ys, xs = torch.nonzero(magnitude > share * peak, as_tuple=True)
+    top, bottom, left, right = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    side = min(max(bottom - top, right - left, 8), height, width)
+    top = max(0, min((top + bottom - side) // 2, height - side))
+    left = max(0, min((left + right - side) // 2, width - side))
+    return image[:, top:top + side, left:left + side]
