@@ -22,7 +22,6 @@ from ..weights import check_fits, read_state_dict
 
 __all__ = ["evolution", "read_checkpoints"]
 
-
 #: What to do with a checkpoint that does not fit the model.
 CHECKPOINT_ADVICE = "Pass checkpoints saved from this model with torch.save(model.state_dict(), path)"
 

@@ -3,10 +3,10 @@ warnings and usage errors.
 
     common.add_model_options(parser)                 # --model (choices: deconvcuda.models.MODEL_NAMES), --weights
     common.add_image_options(parser, crops=3)        # --images, --image-size, --crops
-    common.add_run_options(parser, out_help, batch_size=32, batch_help)   # --out, --device, --batch-size, --no-progress
+    common.add_run_options(parser, "output folder", 32, "images per forward pass")   # --out, --device, ...
     device = common.device(args.device)
     model = common.build_model(args).to(device)
-    images = common.open_images(args, model)         # lazy: nothing is read until the scan reads it
+    images = common.open_images(args, model)         # a folder or list is only listed: read as the work goes
 """
 from __future__ import annotations
 

@@ -28,7 +28,6 @@ has and says so, and channels that never fire on the data are listed as "silent 
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -52,9 +51,11 @@ __all__ = ["visualize", "DEFAULT_CHANNELS"]
 #: How many channels per layer ``visualize`` and ``deconvcuda visualize`` draw unless told otherwise:
 #: the first that fire on the data (``channels="all"`` or ``max_channels=None`` draws every one).
 DEFAULT_CHANNELS = 16
-#: The most projections one ``project`` call makes, and the most memory it may take by the estimate
-#: of :func:`_memory` (bytes): the channels are cut into chunks that keep within both.
-PROJECTIONS_PER_CALL, PROJECTION_MEMORY = 144, 256 * 2**20
+#: The most projections one ``project`` call makes, and the most images it reads: its forward keeps
+#: what the reverse needs of each image, and each projection is a full-size image until it is
+#: cropped, so the two bound a call's memory whatever the size of the data. The channels are cut
+#: into chunks that keep within both (the 45 bundled photos of ``make demo`` fit in one).
+PROJECTIONS_PER_CALL, IMAGES_PER_CALL = 144, 48
 #: Channels of each layer projected first, before any layer's others: their times estimate the run.
 PROBE_CHANNELS = 2
 #: A run whose projections are estimated to take longer than this (seconds) says so when it starts.
@@ -280,19 +281,17 @@ class _LayerWork:
     xs: torch.Tensor
     drawn: List[Tuple[int, int]]
 
-    def chunks(self, per_call: int, memory: Tuple[int, int]) -> List["_Chunk"]:
+    def chunks(self, per_call: int) -> List["_Chunk"]:
         """The layer's channels cut for ``project`` calls: the first PROBE_CHANNELS channels (whose
         time estimates the layer's), then as many as keep within ``per_call`` channels and
-        PROJECTION_MEMORY by ``memory`` (bytes per image read, bytes per projection); at least one."""
-        per_image, per_projection = memory
+        IMAGES_PER_CALL images; at least one channel each."""
         chunks: List[_Chunk] = []
         current: List[int] = []
         for channel in self.record.channels:
             wider = current + [channel]
-            pairs = [(c, r) for c, r in self.drawn if c in wider]
-            images = len({int(self.image_index[c, r]) for c, r in pairs})
+            images = {int(self.image_index[c, r]) for c, r in self.drawn if c in wider}
             full = len(wider) > (min(PROBE_CHANNELS, per_call) if not chunks else per_call) or \
-                images * per_image + len(pairs) * per_projection > PROJECTION_MEMORY
+                len(images) > IMAGES_PER_CALL
             if current and full:
                 chunks.append(self._chunk(current))
                 wider = [channel]
@@ -322,25 +321,10 @@ def _plan(request: _Request, tops, scan_seconds: float) -> Tuple[List[_LayerWork
 
     ranked = [int(i) for top in tops.values() for i in top.image_index.flatten().tolist() if int(i) >= 0][:1]
     sample = batches.gather_images(request.data, ranked, request.batch_size)[0] if ranked else None
-    work, per_layer = [], []
-    for layer in request.layers:
-        item = _plan_layer(request, layer, tops[layer], scan_seconds, sample)
-        work.append(item)
-        memory = _memory(request, layer, sample) if sample is not None else (0, 0)
-        per_layer.append(item.chunks(max(1, PROJECTIONS_PER_CALL // request.k), memory))
+    work = [_plan_layer(request, layer, tops[layer], scan_seconds, sample) for layer in request.layers]
+    per_layer = [item.chunks(max(1, PROJECTIONS_PER_CALL // request.k)) for item in work]
     chunks = [chunks[0] for chunks in per_layer if chunks] + [chunk for chunks in per_layer for chunk in chunks[1:]]
     return work, chunks
-
-
-def _memory(request: _Request, layer: str, image: torch.Tensor) -> Tuple[int, int]:
-    """What a ``project`` call of ``layer`` takes, estimated in bytes: per image it reads, the
-    forward's outputs up to the layer (what the reverse keeps); per projection, as much again (the
-    reverse's windows, at most whole maps) and the full-size projection."""
-    from ..graph import trace
-
-    shapes = trace(request.model, layer, caller="visualize").node_shapes(tuple(image.shape), "visualize")
-    per_image = image.element_size() * sum(math.prod(shape) for shape in shapes.values())
-    return per_image, per_image + image.element_size() * image.numel()
 
 
 def _geometry(request: _Request, layer: str, image: torch.Tensor) -> tuple:
