@@ -4,7 +4,7 @@
     top = deconvcuda.top_activations(model, data, layer="features.29", k=9)
     deconvcuda.visualize(model, data, layers=["features.29"], out="out")
 """
-__version__ = "0.1.0"
+from ._version import __version__
 
 from . import ops, reference
 from .engine import project

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 __all__ = ["iter_batches", "gather_images", "count_images", "data_source", "is_map_dataset", "Batch",
            "DataSource"]
@@ -181,7 +181,7 @@ class DataSource:
                 warnings.warn(f"{self.caller}: {message}", stacklevel=4)
             if error is not None:
                 raise _error_type(error)(f"{self.caller}: {error[1]}")
-            yield Batch(index, images, end)
+            yield Batch(torch.tensor(index, dtype=torch.long), images, end)
 
 
 def default_workers(dataset) -> int:
@@ -241,7 +241,7 @@ def _dataset_image(item, index: int) -> Tuple[Optional[torch.Tensor], Optional[T
 
 
 def _collate_items(items):
-    """``[(index, item, problem)]`` -> ``(index [B], images [B, C, H, W] or None, end, skipped
+    """``[(index, item, problem)]`` -> ``(indices (ints), images [B, C, H, W] or None, end, skipped
     messages, error)``. Runs in the worker processes; problems travel back as values, so that the
     main process reports them with the caller's name (an exception would arrive wrapped)."""
     end = items[-1][0] + 1
@@ -252,16 +252,19 @@ def _collate_items(items):
             continue
         image, error = _dataset_image(item, index)
         if error is not None:
-            return torch.zeros(0, dtype=torch.long), None, end, skipped, error
+            return [], None, end, skipped, error
         if images and image.shape != images[0].shape:
-            return torch.zeros(0, dtype=torch.long), None, end, skipped, (
+            return [], None, end, skipped, (
                 "ValueError", f"every image must have the shape of the first, {list(images[0].shape)} (image "
                               f"{indices[0]}); image {index} has {list(image.shape)}: resize them to one size "
                               f"(deconvcuda.data.ImageFolder(..., size=...) does)")
         indices.append(index)
         images.append(image)
-    stacked = torch.stack(images) if images else None
-    return torch.tensor(indices, dtype=torch.long), stacked, end, skipped, None
+    # default_collate stacks straight into shared memory in a worker process (what the batch travels
+    # through anyway). A tensor made in the worker's own memory and shared on the way out is never
+    # given back there: the worker would grow by a batch per batch. The indices travel as ints.
+    stacked = default_collate(images) if images else None
+    return indices, stacked, end, skipped, None
 
 
 def data_source(data, caller: str) -> DataSource:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 __all__ = ["OutOfRangeError", "DtypeError", "ArgumentError", "is_int", "check_images", "check_input_shape",
-           "resolve_layer"]
+           "resolve_layer", "check_channel_per_image"]
 
 
 class OutOfRangeError(IndexError, ValueError):
@@ -79,3 +79,31 @@ def resolve_layer(model: nn.Module, layer, caller: str) -> str:
         valid = ", ".join(repr(name) for name in names if name)
         raise ValueError(f"{caller}: unknown layer {layer!r}; valid layer names (model.named_modules()): {valid}")
     return layer
+
+
+def check_channel_per_image(channel, n_images: int, n_channels: int, flat: bool, caller: str):
+    """``channel``: an int, a LongTensor ``[N]`` or a list (one per image), or None; as a LongTensor
+    [N] on the CPU (None for None), each in range (the unit of a flat layer)."""
+    what = "unit" if flat else "channel"
+    if channel is None:
+        return None
+    if isinstance(channel, (list, tuple)) and all(isinstance(c, int) and not isinstance(c, bool) for c in channel):
+        channel = torch.tensor(channel, dtype=torch.long)  # one per image, like a LongTensor [N]
+    if isinstance(channel, torch.Tensor):
+        if channel.dtype in (torch.bool,) or channel.is_floating_point() or channel.is_complex():
+            raise TypeError(f"{caller}: channel must be an int or a LongTensor [N], got a {channel.dtype} tensor")
+        if channel.dim() == 0:
+            channel = channel.reshape(1).expand(n_images)
+        if channel.dim() != 1 or channel.shape[0] != n_images:
+            raise ValueError(f"{caller}: channel as a tensor or list must hold one {what} per image, shape [{n_images}], "
+                             f"got {list(channel.shape)}")
+        channel = channel.detach().to("cpu", torch.long)
+    elif isinstance(channel, int) and not isinstance(channel, bool):
+        channel = torch.full((n_images,), channel, dtype=torch.long)
+    else:
+        raise TypeError(f"{caller}: channel must be an int, a LongTensor [N] or None, got {type(channel).__name__}")
+    bad = channel[(channel < 0) | (channel >= n_channels)]
+    if bad.numel():
+        raise OutOfRangeError(f"{caller}: {what} {int(bad[0])} is out of range; the layer has {n_channels} "
+                         f"{what}s (0..{n_channels - 1})")
+    return channel

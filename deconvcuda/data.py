@@ -1,11 +1,12 @@
 """Small image datasets for the figures: scikit-image's bundled photos, or a folder of your own.
 
     photos = deconvcuda.data.bundled_photos(size=224)     # ImageSet: .images [N, 3, 224, 224], .names
-    mine = deconvcuda.data.load_folder("my_images/", size=224)
+    mine = deconvcuda.data.load_folder("my_images/", size=224)   # in memory: a small folder
     x = model.preprocessing.to_model(photos.images)
 
     folder = deconvcuda.data.ImageFolder("imagenet/val/", size=224, transform=model.preprocessing)
     tops = deconvcuda.top_activations(model, folder, ["features.15", "features.29"])   # read lazily, in parts
+    listed = deconvcuda.data.ImageFolder.from_list("images.txt", size=224)              # one path a line
 
 Images are RGB floats in [0, 1]; the model's preprocessing turns them into its input. Nothing is
 downloaded: only the photos that ship inside the scikit-image wheel are used. ``load_folder`` reads
@@ -212,7 +213,7 @@ def load_folder(directory: str, size: int = 224) -> ImageSet:
 class ImageFolder(torch.utils.data.Dataset):
     """Every image file under ``root`` as a Dataset, read lazily: item ``i`` is file ``files[i]``
     (paths relative to ``root``, sorted; subfolders too where ``recursive``; hidden files and folders
-    left out) as ``[3, size, size]`` float32 RGB in [0, 1] (the shorter side resized to ``size``, the
+    left out; or the ``files`` given, and :meth:`from_list` reads them from a text file) as ``[3, size, size]`` float32 RGB in [0, 1] (the shorter side resized to ``size``, the
     centre cropped), then ``transform``: a callable on that tensor, or an object with ``to_model``
     such as ``model.preprocessing`` (applied to it as a batch of one).
 
@@ -222,7 +223,8 @@ class ImageFolder(torch.utils.data.Dataset):
     warning and skips; ``names`` are the files' relative paths, for captions.
     """
 
-    def __init__(self, root, size: int = 224, transform=None, recursive: bool = True):
+    def __init__(self, root, size: int = 224, transform=None, recursive: bool = True, *,
+                 files: Optional[Sequence[str]] = None):
         caller = "ImageFolder"
         self.size = _check_size(size, caller)
         self.root = _check_directory(root, caller)
@@ -230,7 +232,12 @@ class ImageFolder(torch.utils.data.Dataset):
             raise TypeError(f"{caller}: transform must be a callable on a [3, H, W] tensor or have a to_model "
                             f"method (a deconvcuda.models.Preprocessing), got {type(transform).__name__}")
         self.transform = transform
-        self.files: List[str] = []
+        if files is not None:  # the caller's list, in its order (from_list)
+            self.files: List[str] = [os.fspath(name) for name in files]
+            if not self.files:
+                raise ValueError(f"{caller}: files is empty; name at least one image file")
+            return
+        self.files = []
         for directory, subdirectories, names in os.walk(self.root):
             subdirectories[:] = sorted(d for d in subdirectories if not d.startswith(".")) if recursive else []
             relative = os.path.relpath(directory, self.root)
@@ -240,6 +247,29 @@ class ImageFolder(torch.utils.data.Dataset):
         self.files.sort()
         if not self.files:
             raise ValueError(f"{caller}: no files in {self.root!r}" + (" or its subfolders" if recursive else ""))
+
+    @classmethod
+    def from_list(cls, list_file, size: int = 224, transform=None) -> "ImageFolder":
+        """The images a text file lists, one path a line, in its order: relative paths are relative to
+        the list's folder; blank lines and lines starting with ``#`` are skipped. ``names`` are the
+        paths as the list writes them. Only the list is read here; a listed file that is missing or
+        not an image is skipped with a warning when the scan reads it."""
+        caller = "ImageFolder.from_list"
+        list_file = os.fspath(list_file)
+        if not os.path.isfile(list_file):
+            raise FileNotFoundError(f"{caller}: no file {list_file!r} (expected a text file listing images, one "
+                                    "path a line)")
+        try:
+            with open(list_file, encoding="utf-8") as lines:
+                paths = [line.strip() for line in lines]
+        except UnicodeDecodeError:
+            raise ValueError(f"{caller}: {list_file!r} is not a text file; expected a list of image paths, one a "
+                             "line (e.g. `find photos -name '*.jpg' > list.txt`)") from None
+        paths = [path for path in paths if path and not path.startswith("#")]
+        if not paths:
+            raise ValueError(f"{caller}: {list_file!r} lists no image paths (one a line; blank lines and lines "
+                             "starting with # are skipped)")
+        return cls(os.path.dirname(os.path.abspath(list_file)), size, transform, files=paths)
 
     @property
     def names(self) -> List[str]:

@@ -41,7 +41,7 @@ from .kinds.base import numel
 from .windows import Windows
 
 __all__ = ["project", "OutOfRangeError", "DtypeError", "SEEDS", "LRN_MODES", "BACKENDS", "Selection",
-           "layout_of"]
+           "layout_of", "channel_count"]
 
 SEEDS = ("value", "one")
 BACKENDS = ("auto", "reference")
@@ -200,6 +200,12 @@ def layout_of(shape: Sequence[int]) -> str:
     return {3: "map", 2: "tokens", 1: "flat"}.get(len(shape), "other")
 
 
+def channel_count(shape: Sequence[int]) -> int:
+    """How many channels ``channel`` can name in a layer of per-image ``shape``: a map's channels, a
+    token layer's features, a flat layer's units."""
+    return shape[1] if layout_of(shape) == "tokens" else shape[0]
+
+
 def _check_options(rule, seed, lrn, backend, caller: str) -> None:
     rules.get(rule, caller)
     for name, value, allowed in (("seed", seed, SEEDS), ("lrn", lrn, LRN_MODES), ("backend", backend, BACKENDS)):
@@ -314,7 +320,7 @@ def _check_selection(channel, position, neurons, layout: str, caller: str) -> No
 def _check_channel_position(channel, position, target_shape, caller: str):
     layout = layout_of(target_shape)
     channel = int(channel)
-    count = target_shape[1] if layout == "tokens" else target_shape[0]
+    count = channel_count(target_shape)
     if not 0 <= channel < count:
         what = "feature (channel)" if layout == "tokens" else "channel"
         raise OutOfRangeError(f"{caller}: {what} must be in [0, {count}) for this layer, got {channel}")

@@ -21,10 +21,12 @@ import importlib.util
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from .weights import SAVE_ADVICE, load_state_dict, read_state_dict
 
 __all__ = [
     "Preprocessing", "IMAGENET", "HED_BGR", "MODEL_NAMES", "build", "vgg16_hed", "zfnet", "hed_weights_path",
@@ -322,93 +324,6 @@ def _torchvision_model(name: str) -> nn.Module:
     return getattr(torchvision.models, name)(weights=None, **options)
 
 
-_SAVE_ADVICE = "save the weights alone with `torch.save(model.state_dict(), path)`"
-#: Keys under which training checkpoints keep the model's state_dict.
-_CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
-
-
-def _file_kind(path: str) -> str:
-    """What the first bytes of a file say it is, in words (for errors about files that are not ours)."""
-    with open(path, "rb") as file:
-        head = file.read(64)
-    size = os.path.getsize(path)
-    if head.startswith(b"PK\x03\x04"):
-        return "a zip archive (the format torch.save writes)"
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return "a pickle (torch.save's legacy format)"
-    if head.startswith(b"\x89HDF\r\n\x1a\n"):
-        return "an HDF5 file (Keras or h5py weights, not PyTorch's)"
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
-        return ("a safetensors file (read it with safetensors.torch.load_file, load that into the model, then "
-                f"{_SAVE_ADVICE})")
-    if not head:
-        return "an empty file"
-    return f"neither the zip archive torch.save writes nor a pickle: its {size} bytes start with {head[:16]!r}"
-
-
-def _read_error(path: str, error: Exception) -> ValueError:
-    """A ValueError that says what the file holds instead of a state_dict, and what to save."""
-    import re
-
-    where = f"deconvcuda.models.build: cannot read weights file {path!r}"
-    text = str(error)
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if found:  # a pickled object of a class outside torch's allowlist: most often a whole model
-        name = found.group(1)
-        return ValueError(
-            f"{where}: it holds a pickled object of class {name} (a whole model saved with torch.save(model)?), "
-            f"not a state_dict. Such a file stores the class by reference and loads only by running code from the "
-            f"file (weights_only=False), which deconvcuda never does. Where the model was saved, {_SAVE_ADVICE}; "
-            f"to convert this file, only if you trust it: `torch.save(torch.load({path!r}, weights_only=False)"
-            f".state_dict(), 'weights.pth')`")
-    kind = _file_kind(path)
-    if kind.startswith(("a zip archive", "a pickle")):
-        return ValueError(
-            f"{where}: it is {kind}, but cut short or damaged ({os.path.getsize(path)} bytes; "
-            f"{text.split('. ')[0].rstrip('.') if text else type(error).__name__}). Copy it again, or {_SAVE_ADVICE}")
-    return ValueError(f"{where}: it is not a PyTorch weights file: {kind}. {_SAVE_ADVICE[0].upper()}{_SAVE_ADVICE[1:]}")
-
-
-def _read_state_dict(path: str) -> Mapping:
-    """The state_dict in a weights file, read with ``torch.load(weights_only=True)`` (no code from the
-    file ever runs). Unwraps training checkpoints (``{"state_dict": ...}``, ``{"model": ...}``) and
-    DataParallel's ``module.`` prefix; anything else is a ValueError that says what the file holds."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"deconvcuda.models.build: weights file {path!r} does not exist")
-    if not os.path.isfile(path):
-        raise IsADirectoryError(f"deconvcuda.models.build: weights {path!r} is not a file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and weights_only errors come in many types
-        raise _read_error(path, error) from None
-
-    def tensors(value) -> bool:
-        return isinstance(value, Mapping) and all(isinstance(v, torch.Tensor) for v in value.values())
-
-    # training checkpoints often wrap the state_dict; DataParallel prefixes every key with "module."
-    if isinstance(state, Mapping) and not tensors(state):
-        inner = next((state[key] for key in _CHECKPOINT_KEYS if tensors(state.get(key))), None)
-        if inner is not None:
-            state = inner
-    if not tensors(state):
-        if isinstance(state, Mapping):
-            keys = [str(key) for key in state][:8]
-            found = (f"a {type(state).__name__} with keys {', '.join(map(repr, keys))}"
-                     + (" ..." if len(state) > 8 else "") + " that are not all tensors")
-            hint = ("; where a training checkpoint holds the weights under some key, save just those: "
-                    "`torch.save(checkpoint[KEY], path)`")
-        elif isinstance(state, torch.Tensor):
-            found, hint = f"a single tensor of shape {list(state.shape)}", ""
-        else:
-            found, hint = f"a {type(state).__name__}", ""
-        raise ValueError(f"deconvcuda.models.build: weights file {path!r} does not hold a state_dict (a mapping "
-                         f"from parameter names to tensors): it holds {found}. {_SAVE_ADVICE[0].upper()}"
-                         f"{_SAVE_ADVICE[1:]}{hint}")
-    if state and all(key.startswith("module.") for key in state):
-        state = {key[len("module."):]: value for key, value in state.items()}
-    return state
-
-
 def _models_that_fit(state: Mapping) -> List[str]:
     """The names in MODEL_NAMES whose state_dict has exactly ``state``'s keys and shapes (each model
     built on the meta device: no memory, no weights)."""
@@ -426,32 +341,13 @@ def _models_that_fit(state: Mapping) -> List[str]:
     return fits
 
 
-def _load_state_dict(model: nn.Module, state: Mapping, name: str, path: str) -> None:
-    """Load ``state`` into ``model`` exactly, or a ValueError that lists what does not fit, says which
-    known architecture the file does fit (if any) and what to save instead."""
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    mismatched = [f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}" for key, value in expected.items()
-                  if key in state and state[key].shape != value.shape]
-    if missing or unexpected or mismatched:
-        def some(items: Sequence[str]) -> str:
-            return ", ".join(items[:5]) + (f" (and {len(items) - 5} more)" if len(items) > 5 else "")
-        problems = []
-        if missing:
-            problems.append(f"missing keys: {some(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys: {some(unexpected)}")
-        if mismatched:
-            problems.append(f"shapes (file vs model): {some(mismatched)}")
+def _what_fits(name: str) -> Callable[[Mapping], str]:
+    """For an error about weights that do not fit model ``name``: which known models they fit."""
+    def suggestion(state: Mapping) -> str:
         fits = [other for other in _models_that_fit(state) if other != name]
-        found = (f"The file holds {len(state)} tensors for {model.__class__.__name__}'s {len(expected)}"
-                 + (f"; it fits {' and '.join(repr(other) for other in fits)}: pass that model name instead"
-                    if fits else "; it fits none of the models deconvcuda knows by name")
-                 + f". Or, from the {name!r} model with the weights you want, {_SAVE_ADVICE}")
-        raise ValueError(f"deconvcuda.models.build: weights file {path!r} does not fit model {name!r}; "
-                         + "; ".join(problems) + ". " + found)
-    model.load_state_dict(state, strict=True)
+        return (f"; it fits {' and '.join(repr(other) for other in fits)}: pass that model name instead" if fits
+                else "; it fits none of the models deconvcuda knows by name")
+    return suggestion
 
 
 def build(name: str = "vgg16_hed", weights: Optional[str] = None) -> nn.Module:
@@ -474,7 +370,8 @@ def build(name: str = "vgg16_hed", weights: Optional[str] = None) -> nn.Module:
         model = None
     if weights is not None and not isinstance(weights, (str, os.PathLike)):
         raise TypeError(f"deconvcuda.models.build: weights must be a file path, got {type(weights).__name__}")
-    state = _read_state_dict(os.fspath(weights)) if weights is not None else None
+    caller = "deconvcuda.models.build"
+    state = read_state_dict(weights, caller) if weights is not None else None
     if model is not None:
         pass
     elif name == "vgg16_hed":
@@ -485,7 +382,9 @@ def build(name: str = "vgg16_hed", weights: Optional[str] = None) -> nn.Module:
         model = _torchvision_model(name)
         model.preprocessing = IMAGENET
     if state is not None:
-        _load_state_dict(model, state, name, os.fspath(weights))
+        load_state_dict(model, state, caller, f"weights file {os.fspath(weights)!r}", f"model {name!r}",
+                        advice=f"Or, from the {name!r} model with the weights you want, {SAVE_ADVICE}",
+                        suggest=_what_fits(name))
     return model.eval()
 
 

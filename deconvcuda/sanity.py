@@ -33,10 +33,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import rules as rule_registry
-from .analyses.occlusion import _check_channel
 from .capture import evaluating
-from .checks import ArgumentError, check_images, is_int
-from .graph import resolve_layer
+from .checks import ArgumentError, check_channel_per_image, check_images, is_int, resolve_layer
 from .receptive_field import receptive_field
 from .similarity import SSIM_WINDOW, saliency_maps, spearman, ssim
 
@@ -183,7 +181,7 @@ def _neurons(output: torch.Tensor, channel, caller: str) -> torch.Tensor:
     else:
         raise ValueError(f"{caller}: the layer's output must be [N, C, h, w], [N, T, D] or [N, F], got "
                          f"{list(output.shape)}")
-    chosen = _check_channel(channel, n, channels, flat, caller)
+    chosen = check_channel_per_image(channel, n, channels, flat, caller)
     maps = output.detach().to(torch.float64).cpu()                               # [N, C, h, w]
     if chosen is None:
         strongest = maps.flatten(1).argmax(dim=1)

@@ -36,7 +36,9 @@ import torch
 from torch import nn
 
 from . import batches
+from .distributed import part, process_group, share
 from .forward import LayerForward
+from .progress import Progress
 
 __all__ = ["TopActivations", "top_activations", "model_device", "save_scan", "load_scan", "merge_scans"]
 
@@ -323,46 +325,6 @@ def _load(path, caller: str, map_location="cpu"):
 
 
 # --------------------------------------------------------------------------------------------- #
-# torch.distributed
-# --------------------------------------------------------------------------------------------- #
-
-def process_group() -> Tuple[int, int]:
-    """``(rank, world_size)`` of the initialized default process group, ``(0, 1)`` without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def part(start: int, stop: int, index: int, parts: int, batch_size: int) -> Tuple[int, int]:
-    """The ``index``-th of ``parts`` contiguous, nearly equal parts of ``range(start, stop)``.
-
-    Made of whole batches of ``batch_size`` counted from ``start`` where there are at least
-    ``parts`` batches: then every batch holds the images it would hold in one process's scan, so
-    the forward rounds alike and the merged result equals one process's bit for bit. With fewer
-    batches than parts, nearly equal runs of images instead (no part is left without work)."""
-    count = stop - start
-    whole_batches = -(-count // batch_size)
-    if whole_batches >= parts:
-        first, last = whole_batches * index // parts, whole_batches * (index + 1) // parts
-        return start + first * batch_size, min(stop, start + last * batch_size)
-    return start + count * index // parts, start + count * (index + 1) // parts
-
-
-def _all_gather(payload) -> list:
-    import torch.distributed as dist
-
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, payload)
-    return gathered
-
-
-_REPORTED_ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "IndexError": IndexError,
-                    "FileNotFoundError": FileNotFoundError, "NotADirectoryError": NotADirectoryError}
-
-
-# --------------------------------------------------------------------------------------------- #
 # Checkpoints
 # --------------------------------------------------------------------------------------------- #
 
@@ -490,7 +452,8 @@ def top_activations(model: nn.Module, data, layer=None, k: int = 9, *, layers=No
     or (images, labels) pairs).
     batch_size: images per forward pass where ``data`` is a tensor, a Dataset or yields single images.
     device: where the forward runs (default: the model's device); batches are moved there.
-    progress: a tqdm bar on stderr (images, images per second, time left; rank 0 only).
+    progress: progress on stderr (images, images per second, time left; rank 0 only): a tqdm bar in a
+    terminal, plain lines in a log file (:mod:`deconvcuda.progress`).
     num_workers: processes reading a Dataset (default: several for one that reads files from a
     ``root`` folder, such as ``deconvcuda.data.ImageFolder``; none for others).
     shard: ``(i, n)``: scan only the i-th of n contiguous parts of a tensor or Dataset, with global
@@ -503,8 +466,6 @@ def top_activations(model: nn.Module, data, layer=None, k: int = 9, *, layers=No
     its part (of the shard) on its own device and every rank returns the merged result, which is
     what one process returns. Other data is scanned whole by every rank.
     """
-    from tqdm.auto import tqdm
-
     caller = "top_activations"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -526,7 +487,6 @@ def top_activations(model: nn.Module, data, layer=None, k: int = 9, *, layers=No
                          f"got {type(data).__name__} (pass the DataLoader's dataset instead)")
     device = model_device(model) if device is None else torch.device(device)
     process_rank, process_world = process_group()
-    show_progress = progress and process_rank == 0
     rank, world = process_rank, process_world  # who shares the data: none where it is a stream
     if source.kind == "stream":  # read in order from the start: every rank scans it all
         rank, world = 0, 1
@@ -535,30 +495,20 @@ def top_activations(model: nn.Module, data, layer=None, k: int = 9, *, layers=No
         shard_start, shard_stop = part(0, source.count, shard_index, shard_count, batch_size)
         start, stop = part(shard_start, shard_stop, rank, world, batch_size)
 
-    outcome = None
-    try:
-        outcome = _scan(graph, names, k, source, start, stop, batch_size, device, num_workers,
-                        show_progress, checkpoint, checkpoint_every, model, shard,
-                        process_rank, process_world, tqdm, caller)
-    except Exception as error:
-        if world == 1:
-            raise
-        failure = (type(error).__name__, str(error), error)
-    else:
-        failure = None
-    if world > 1:
-        # Every rank meets here, the failed ones too, so that a failure is reported everywhere
-        # instead of leaving the other ranks waiting forever.
-        gathered = _all_gather({"failure": None if failure is None else failure[:2],
-                                "outcome": None if outcome is None else outcome.portable()})
-        if failure is not None:
-            raise failure[2]
-        for other_rank, report in enumerate(gathered):
-            if report["failure"] is not None:
-                kind, message = report["failure"]
-                raise _REPORTED_ERRORS.get(kind, RuntimeError)(f"{caller}: rank {other_rank} of {world} failed: "
-                                                               f"{message}")
-        outcome = _Outcome.merged([report["outcome"] for report in gathered], names, k, caller, device)
+    job = _ScanJob(graph=graph, names=names, k=k, source=source, start=start, stop=stop, batch_size=batch_size,
+                   device=device, num_workers=num_workers, progress=progress and process_rank == 0, caller=caller)
+    saver = None
+    if checkpoint is not None:  # each process writes its own file, named by its rank in the process group
+        arguments = {"layers": names, "k": k, "model": _model_fingerprint(model), "data": _data_fingerprint(source),
+                     "part": [start, stop], "shard": None if shard is None else list(shard),
+                     "world_size": process_world}
+        saver = _Checkpoint(checkpoint_path(checkpoint, process_rank, process_world), float(checkpoint_every),
+                            arguments, caller)
+    if world == 1:
+        outcome = _scan(job, saver)
+    else:  # every rank scans its part; a failure on one rank is raised on every rank
+        reports = share(lambda: _scan(job, saver).portable(), caller, world=world)
+        outcome = _Outcome.merged(reports, names, k, caller, device)
     if outcome.scanned == 0 and outcome.tops is None:
         raise ValueError(f"{caller}: data holds no images" + ("" if source.count is None or source.count == 0
                                                                else " that could be read"))
@@ -602,36 +552,52 @@ class _Outcome:
         return cls(tops, sum(per_rank), with_images[0][1]["input"], per_rank)
 
 
-def _scan(graph, names: List[str], k: int, source: batches.DataSource, start: int, stop: Optional[int],
-          batch_size: int, device: torch.device, num_workers, progress: bool, checkpoint, checkpoint_every,
-          model, shard, rank: int, world: int, tqdm, caller: str) -> _Outcome:
-    """This process's part ``[start, stop)`` of the data, one forward per batch for all layers.
-    ``rank`` and ``world`` name this process's checkpoint file (each process writes its own)."""
+@dataclass
+class _ScanJob:
+    """What one process scans: the traced ``graph`` of the layers ``names``, the top ``k`` per channel,
+    images ``[start, stop)`` of ``source`` (``stop`` None: to its end) in batches of ``batch_size``
+    read by ``num_workers`` processes, the forward on ``device``; ``progress`` shown or not."""
+
+    graph: object
+    names: List[str]
+    k: int
+    source: batches.DataSource
+    start: int
+    stop: Optional[int]
+    batch_size: int
+    device: torch.device
+    num_workers: Optional[int]
+    progress: bool
+    caller: str
+
+
+def _scan(job: _ScanJob, saver: Optional["_Checkpoint"]) -> _Outcome:
+    """The job's part of the data, one forward per batch for all its layers (``graph.run``), every
+    layer's per-image maxima merged into its running top-k; from and into ``saver``'s checkpoint
+    where there is one."""
+    graph, names, k, caller, start, stop = job.graph, job.names, job.k, job.caller, job.start, job.stop
     running = {name: _Running(name, k) for name in names}
     position, scanned, input_info = start, 0, None
-    saver = None
-    if checkpoint is not None:
-        arguments = {"layers": names, "k": k, "model": _model_fingerprint(model), "data": _data_fingerprint(source),
-                     "part": [start, stop], "shard": None if shard is None else list(shard), "world_size": world}
-        saver = _Checkpoint(checkpoint_path(checkpoint, rank, world), float(checkpoint_every), arguments, caller)
+    if saver is not None:
         state = saver.load()
         if state is not None:
             position, scanned = int(state["position"]), int(state["scanned"])
             input_info = None if state["input"] is None else (tuple(state["input"][0]), state["input"][1])
             for saved in state["tops"]:
-                top = TopActivations.from_state_dict(saved, caller).to(device)
+                top = TopActivations.from_state_dict(saved, caller).to(job.device)
                 running[top.layer].fields = tuple(getattr(top, name) for name in _FIELDS)
             if state["complete"]:
                 return _Outcome(_results(running), scanned, input_info)
 
     total = None if stop is None else stop - start
     done_before = position - start
-    bar = _progress_bar(tqdm, total, done_before, f"top-{k} {_describe(names)}", progress)
-    pin = device.type == "cuda"
+    bar = Progress(total, f"top-{k} {_describe(names)}", "image", enabled=job.progress, initial=done_before, rate=True)
+    pin = job.device.type == "cuda"
     first_shape = None if input_info is None else input_info[0]
     try:
         with bar, torch.inference_mode(False), torch.no_grad():  # the bar closes on errors too
-            for batch in source.batches(position, stop, batch_size, num_workers=num_workers, pin_memory=pin):
+            for batch in job.source.batches(position, stop, job.batch_size, num_workers=job.num_workers,
+                                            pin_memory=pin):
                 images = batch.images
                 if images is not None:
                     if not images.is_floating_point():
@@ -647,8 +613,8 @@ def _scan(graph, names: List[str], k: int, source: batches.DataSource, start: in
                                          f"{list(first_shape)} ({input_info[1]}); the batch starting at image "
                                          f"{int(batch.index[0])} has {list(images.shape[1:])} "
                                          f"({str(images.dtype).replace('torch.', '')}): resize them to one size")
-                    images = images.to(device, non_blocking=True)
-                    index = batch.index.to(device, non_blocking=True)
+                    images = images.to(job.device, non_blocking=True)
+                    index = batch.index.to(job.device, non_blocking=True)
                     outputs = graph.run(images)
                     for name in names:
                         running[name].add(outputs[name], index)
@@ -675,50 +641,3 @@ def _results(running: Dict[str, _Running]) -> Optional[Dict[str, TopActivations]
 
 def _describe(names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else f"{len(names)} layers"
-
-
-class _LineProgress:
-    """Progress for a file or a CI log (stderr is not a terminal): a plain line at each tenth of the
-    images (or every 10 batches' worth when the count is unknown), never carriage returns."""
-
-    def __init__(self, total, initial: int, desc: str):
-        import time
-
-        self.total, self.done, self.initial, self.desc, self.clock = total, initial, initial, desc, time.perf_counter
-        self.started, self.next_share, self.lines = self.clock(), 0.1, 0
-
-    def update(self, count: int) -> None:
-        import sys
-
-        self.done += count
-        if self.total:
-            if self.done < self.next_share * self.total and self.done < self.total:
-                return
-            while self.next_share * self.total <= self.done:
-                self.next_share += 0.1
-        elapsed = self.clock() - self.started
-        of = f"/{self.total}" if self.total else ""
-        rate = (self.done - self.initial) / max(elapsed, 1e-9)
-        left = f", about {(self.total - self.done) / rate:.0f} s left" if self.total and rate > 0 and \
-            self.done < self.total else ""
-        print(f"{self.desc}: {self.done}{of} images, {rate:.1f} image/s, {elapsed:.0f} s so far{left}",
-              file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _progress_bar(tqdm, total, initial: int, desc: str, enabled: bool):
-    """The scan's progress on stderr: a tqdm bar (images, images per second, time left) in a
-    terminal, plain lines in a file or CI log."""
-    import sys
-
-    if enabled and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
-        return _LineProgress(total, initial, desc)
-    return tqdm(total=total, initial=initial, desc=desc, unit="image", dynamic_ncols=True, disable=not enabled)

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import deconvcuda
-from deconvcuda.analyses import commands, gallery
 from deconvcuda.cli import parse_channels
+from deconvcuda.figures import gallery, plots
 
 IMAGE_SIZE = 64   # the crops the network sees
 TRAIN_SIZE = 56   # random sub-crops of them while training
@@ -100,9 +100,9 @@ def main(argv=None) -> int:
 
     cells = deconvcuda.evolution(model, checkpoints, images, args.layer, args.channels, progress=True)
     path = out / f"evolution_{args.layer}.png"
-    commands.draw_evolution(path, cells, "RGB", [p.stem.replace("_", " ") for p in checkpoints],
-                            [f"map {c}" for c in args.channels],
-                            f"{args.layer}: strongest projection over {len(images)} crops, per epoch")
+    plots.draw_evolution(path, cells, "RGB", [p.stem.replace("_", " ") for p in checkpoints],
+                         [f"map {c}" for c in args.channels],
+                         f"{args.layer}: strongest projection over {len(images)} crops, per epoch")
     caption = (f"<b>{args.layer}</b> of a small CNN trained to tell {len(names)} bundled photos apart: columns are "
                f"epochs 0 (random) to {args.epochs}, rows feature maps")
     index = gallery.add_to_gallery(out, "evolution", "Evolution", gallery.figure_html(path, out, caption),

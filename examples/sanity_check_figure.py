@@ -12,7 +12,7 @@ import time
 import torch
 
 import deconvcuda
-from deconvcuda.sanity_figure import sanity_figure
+from deconvcuda.figures import sanity_figure
 
 LAYER = "features.28"   # conv5_3 before its ReLU: the seeded activation is live in every randomized model
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "motorcycle", "camera"]

@@ -14,7 +14,7 @@ from torch import nn
 
 import deconvcuda
 from conftest import DEVICES, forward_to_layer, randomize_batch_norms, small_cnn
-from deconvcuda.analyses import drawing
+from deconvcuda.figures import plots
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -370,11 +370,18 @@ def test_evolution_bad_checkpoints(tmp_path):
         deconvcuda.evolution(model, [model.state_dict(), tmp_path / "other.pt"], images, "features.1", [0])
     shapes = dict(model.state_dict())
     shapes["fc.weight"] = torch.zeros(5, 7)
-    with pytest.raises(ValueError, match=r"checkpoint 0 does not fit.*shapes that differ: fc.weight \[5, 7\]"):
+    with pytest.raises(ValueError, match=r"checkpoint 0 does not fit.*shapes \(file vs model\): fc.weight \[5, 7\]"):
         deconvcuda.evolution(model, [shapes], images, "features.1", [0])
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(ValueError, match=r"checkpoint 0 \('.*corrupt.pt'\): cannot read"):
+    with pytest.raises(ValueError, match=r"cannot read checkpoint 0 \('.*corrupt.pt'\)") as corrupt:
         deconvcuda.evolution(model, [tmp_path / "corrupt.pt"], images, "features.1", [0])
+    # the message models.build gives for the same file, not torch.load's
+    with pytest.raises(ValueError) as as_weights:
+        deconvcuda.models.build("zfnet", weights=tmp_path / "corrupt.pt")
+    explanation = "it is not a PyTorch weights file: neither the zip archive torch.save writes nor a pickle"
+    for error in (corrupt, as_weights):
+        assert explanation in str(error.value) and "torch.save(model.state_dict(), path)" in str(error.value)
+        assert "Check the documentation of torch.load" not in str(error.value)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         deconvcuda.evolution(model, [tmp_path / "missing.pt"], images, "features.1", [0])
     with pytest.raises(ValueError, match=r"channel 8 is out of range; layer 'features.1' has 8 channels"):
@@ -404,17 +411,17 @@ def test_figures_are_drawn(tmp_path):
     torch.manual_seed(0)
     image = torch.rand(3, 40, 48)
     values = torch.rand(4, 5)
-    path = drawing.occlusion_figure(tmp_path / "occlusion.png", image, values, window=16, stride=8, layer="features.5",
+    path = plots.occlusion_figure(tmp_path / "occlusion.png", image, values, window=16, stride=8, layer="features.5",
                                     channel=3, projection=torch.rand(3, 40, 48), probabilities=torch.rand(4, 5),
                                     classes=torch.randint(0, 3, (4, 5)), true_class=1,
                                     class_names=["cat", "dog", "car"])
     wide = _assert_drawn(path)
-    narrow = _assert_drawn(drawing.occlusion_figure(tmp_path / "plain.png", image, values, window=16, stride=8))
+    narrow = _assert_drawn(plots.occlusion_figure(tmp_path / "plain.png", image, values, window=16, stride=8))
     assert wide.shape[1] > narrow.shape[1]  # the classifier's panels are there
-    _assert_drawn(drawing.invariance_figure(tmp_path / "invariance.png", "rotate", [0, 10, 20],
+    _assert_drawn(plots.invariance_figure(tmp_path / "invariance.png", "rotate", [0, 10, 20],
                                             {"layer1": torch.rand(2, 3), "": torch.rand(2, 3)},
                                             probabilities=torch.rand(2, 3), image_names=["a", "b"]))
-    _assert_drawn(drawing.evolution_figure(tmp_path / "evolution.png", torch.rand(3, 2, 3, 12, 12),
+    _assert_drawn(plots.evolution_figure(tmp_path / "evolution.png", torch.rand(3, 2, 3, 12, 12),
                                            ["epoch 1", "epoch 2", "epoch 3"], ["map 0", "map 4"]), min_width=150)
 
 

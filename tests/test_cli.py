@@ -43,7 +43,8 @@ def test_folder_of_images_end_to_end(folder, tmp_path, capsys):
     code, out, err = run_cli(capsys, "--model", "zfnet", "--images", folder, "--layers", "features.1,5",
                              "--channels", "0-2,7", "--top", "2", "--image-size", "64", "--out", out_dir)
     assert code == 0, err
-    assert "warning: load_folder: skipping" in err and "broken.jpg" in err and ".hidden" not in err
+    assert "warning: top_activations: skipping image 2 of the dataset, which cannot be read" in err
+    assert "broken.jpg" in err and ".hidden" not in err
     assert f"wrote 8 figures of 2 layers to {out_dir}{os.sep}" in out and "index.html" in out
     for layer in ("features.1", "features.5"):
         assert sorted(p.name for p in (out_dir / layer).iterdir()) == [
@@ -65,8 +66,9 @@ def test_default_model_on_the_bundled_photos(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--images", "{tmp}/nowhere"], "error: --images: load_folder: image directory '{tmp}/nowhere' does not exist"),
-    (["--images", "{tmp}/empty"], "error: --images: load_folder: no readable image in '{tmp}/empty'"),
+    (["--images", "{tmp}/nowhere"], "error: --images: '{tmp}/nowhere' does not exist; expected a folder of images, "
+                                    "or a text file that lists image files"),
+    (["--images", "{tmp}/empty"], "error: --images: no files in '{tmp}/empty'"),
     (["--model", "zfnet", "--weights", "{tmp}/missing.pth"],
      "error: --weights: deconvcuda.models.build: weights file '{tmp}/missing.pth' does not exist"),
     (["--model", "zfnet", "--layers", "features.99"],
@@ -125,7 +127,7 @@ def test_python_m_deconvcuda(tmp_path):
                               "--model", "zfnet", "--out", str(tmp_path / "out")],
                              capture_output=True, text=True, cwd=tmp_path, env=environment, timeout=300)
     assert missing.returncode == 2
-    assert "deconvcuda visualize: error: --images: load_folder: image directory" in missing.stderr
+    assert f"deconvcuda visualize: error: --images: '{tmp_path / 'no'}' does not exist" in missing.stderr
     assert "Traceback" not in missing.stderr
     bare = subprocess.run([sys.executable, "-m", "deconvcuda"], capture_output=True, text=True, cwd=tmp_path,
                           env=environment, timeout=300)
@@ -267,3 +269,78 @@ def test_progress_in_a_terminal_draws_one_bar_at_a_time(folder, tmp_path):
     text = seen.decode(errors="replace")
     assert "\x1b[A" not in text                      # nested bars move the cursor up: none here
     assert "projections: 100%" in text
+
+
+# --------------------------------------------------------------------------------------------- #
+# --images streams: a folder or a list of files, read as the work goes, never held whole
+# --------------------------------------------------------------------------------------------- #
+
+def _photo_files(directory: Path, count: int) -> Path:
+    """``count`` crops of the bundled photos as JPEG files."""
+    from deconvcuda import data
+
+    directory.mkdir()
+    photos = data.bundled_photos(size=48, crops_per_photo=5)
+    for i in range(count):
+        pixels = (photos.images[i % len(photos)].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(directory / f"{i:03d}.jpg", quality=90)
+    return directory
+
+
+def test_a_list_of_files_draws_what_the_folder_draws(tmp_path, capsys):
+    """The same files as a list (relative and absolute paths, a comment, a missing file) draw the same PNGs."""
+    photos = _photo_files(tmp_path / "photos", 6)
+    listing = tmp_path / "list.txt"
+    names = sorted(path.name for path in photos.iterdir())
+    listing.write_text("# the photos\n" + "\n".join(f"photos/{name}" for name in names[:3]) + "\nphotos/gone.jpg\n"
+                       + "\n".join(str(photos / name) for name in names[3:]) + "\n", encoding="utf-8")
+    common = ["--model", "zfnet", "--layers", "features.5", "--channels", "0-3", "--top", "3", "--image-size", "48"]
+    code, _, err = run_cli(capsys, *common, "--images", photos, "--out", tmp_path / "folder")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, *common, "--images", listing, "--out", tmp_path / "listed")
+    assert code == 0, err
+    assert "gone.jpg" in err and "warning: top_activations: skipping image 3" in err
+    assert f"7 images of {listing} at 48x48" in err and "scanned 6 images" in err
+    pictures = {which: {path.relative_to(tmp_path / which).as_posix(): path.read_bytes()
+                        for path in sorted((tmp_path / which).rglob("*.png"))} for which in ("folder", "listed")}
+    assert len(pictures["folder"]) >= 2 and pictures["listed"] == pictures["folder"]
+    index = (tmp_path / "listed" / "index.html").read_text(encoding="utf-8")
+    assert f"<dt>data</dt><dd>6 images listed in {listing}, resized and centre-cropped to 48x48 pixels</dd>" in index
+    assert "photos/000.jpg" in index or "photos/001.jpg" in index   # captions name the files as listed
+
+
+def test_visualize_reads_each_image_once_and_only_the_drawn_ones_again(tmp_path, capsys, monkeypatch):
+    """The scan reads every file once (in worker processes), and the figures read again only the images
+    their activations came from: no image is held whole, nothing reads the folder at once."""
+    from deconvcuda import data
+
+    photos = _photo_files(tmp_path / "photos", 24)
+    reads = tmp_path / "reads.log"
+    read_image = data._read_image
+
+    def counted(path, size):   # a line per read, appended by whichever process reads (workers too)
+        with open(reads, "a", encoding="utf-8") as log:
+            log.write(os.path.basename(path) + "\n")
+        return read_image(path, size)
+
+    def never(*args, **kwargs):
+        raise AssertionError("load_folder holds every image in memory: the command line must not call it")
+
+    monkeypatch.setattr(data, "_read_image", counted)
+    monkeypatch.setattr(data, "load_folder", never)
+    code, _, err = run_cli(capsys, "--model", "zfnet", "--images", photos, "--layers", "features.5", "--channels",
+                           "0-1", "--top", "3", "--image-size", "48", "--batch-size", "8", "--out", tmp_path / "out")
+    assert code == 0, err
+    counts = {}
+    for name in reads.read_text(encoding="utf-8").split():
+        counts[name] = counts.get(name, 0) + 1
+    drawn = set()
+    for line in (tmp_path / "out" / "index.html").read_text(encoding="utf-8").splitlines():
+        drawn.update(name for name in counts if f"<td>{name}</td>" in line)
+    assert sorted(counts) == sorted(path.name for path in photos.iterdir())     # every file read
+    assert 1 <= len(drawn) <= 6                                                  # 2 channels x top 3
+    # once by the scan; the drawn ones once more for their projections and patches, one of them once more for
+    # the layer's geometry
+    assert all(counts[name] == 1 for name in counts if name not in drawn), counts
+    assert all(2 <= counts[name] <= 3 for name in drawn), counts
+    assert sum(counts.values()) <= len(counts) + len(drawn) + 1

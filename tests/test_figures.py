@@ -371,7 +371,7 @@ def test_one_default_channel_count_and_a_way_to_ask_for_all(tmp_path):
 
 def test_progress_in_a_log_file_is_plain_lines_with_a_time_estimate(tiny, tmp_path, capsys, monkeypatch):
     model, images, _ = tiny
-    monkeypatch.setattr(figures, "LONG_RUN_SECONDS", 0.0)      # every run counts as long here
+    monkeypatch.setattr(figures.visualization, "LONG_RUN_SECONDS", 0.0)      # every run counts as long here
     run = deconvcuda.visualize(model, images, ["features.1", "features.4"], out=tmp_path, progress=True)
     err = capsys.readouterr().err                               # not a terminal
     assert "\r" not in err and "\x1b" not in err                # no carriage returns, no cursor movements

@@ -217,7 +217,7 @@ def test_the_figure(table, tmp_path):
     pytest.importorskip("matplotlib")
     from PIL import Image
 
-    from deconvcuda.sanity_figure import sanity_figure
+    from deconvcuda.figures import sanity_figure
 
     _, result = table
     path = sanity_figure(tmp_path / "sanity.png", result, image=torch.rand(3, 24, 24))

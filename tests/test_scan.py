@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import pytest
@@ -216,6 +217,70 @@ def test_image_folder_errors(tmp_path):
         folder[0]
     with pytest.raises(IndexError, match=r"^ImageFolder: index 2 is out of range for 2 files"):
         folder[2]
+
+
+def test_image_folder_from_a_list_of_files(tmp_path):
+    root = write_folder(tmp_path / "images", 5)
+    listing = tmp_path / "list.txt"   # relative to the list's folder, absolute, a comment, a blank line
+    listing.write_text(f"# my images\nimages/sub/03.jpg\n\n{root / '01.png'}\n  images/02.png  \n", encoding="utf-8")
+    listed = data.ImageFolder.from_list(listing, size=16)
+    assert listed.names == ["images/sub/03.jpg", str(root / "01.png"), "images/02.png"]
+    assert len(listed) == 3 and listed.root == str(tmp_path)
+    folder = data.ImageFolder(root, size=16)
+    for position, name in ((0, "sub/03.jpg"), (1, "01.png"), (2, "02.png")):   # the same pixels, in the list's order
+        assert torch.equal(listed[position], folder[folder.names.index(name)])
+    assert batches.default_workers(listed) == batches.default_workers(folder)   # read by workers too
+    with pytest.raises(FileNotFoundError, match=r"^ImageFolder.from_list: no file .*nothing.txt"):
+        data.ImageFolder.from_list(tmp_path / "nothing.txt")
+    (tmp_path / "comments.txt").write_text("# nothing\n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"lists no image paths"):
+        data.ImageFolder.from_list(tmp_path / "comments.txt")
+    with pytest.raises(ValueError, match=r"is not a text file"):
+        data.ImageFolder.from_list(root / "sub" / "00.jpg")
+
+
+class _Frames(torch.utils.data.Dataset):
+    """``count`` images [3, 224, 224] (600 KB each) made on demand."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        return torch.full((3, 224, 224), float(index))
+
+
+def _private_megabytes(pid: int) -> float:
+    """The memory only this process holds (private pages, shared memory included where only it maps it)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+    return sum(int(fields[name].split()[0]) for name in ("Private_Clean", "Private_Dirty")) / 1024
+
+
+def _children() -> List[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux's /proc/PID/smaps_rollup")
+def test_worker_processes_do_not_grow_with_the_images_they_read():
+    """Each batch travels from a worker in shared memory; none may stay behind in the worker."""
+    source = batches.data_source(_Frames(16 * 64), "test")
+    seen = {}
+    for number, batch in enumerate(source.batches(0, None, 16, num_workers=2)):
+        assert torch.equal(batch.index, torch.arange(16 * number, 16 * number + 16))
+        assert float(batch.images[3, 0, 0, 0]) == 16 * number + 3
+        if number in (8, 63):
+            seen[number] = {pid: _private_megabytes(pid) for pid in _children()}
+    grown = [seen[63][pid] - seen[8][pid] for pid in seen[8] if pid in seen[63]]
+    assert grown and max(grown) < 40, f"workers grew by {grown} MB over 55 batches of 9.6 MB"
 
 
 @pytest.mark.parametrize("workers", [0, None], ids=["in-process", "default-workers"])

@@ -11,57 +11,38 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Mapping
-from typing import List, Sequence, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..checks import OutOfRangeError
+from ..progress import track
+from ..weights import check_fits, read_state_dict
 
-__all__ = ["evolution", "read_checkpoint", "load_checkpoint"]
+__all__ = ["evolution", "read_checkpoints"]
+
+#: What to do with a checkpoint that does not fit the model.
+CHECKPOINT_ADVICE = "Pass checkpoints saved from this model with torch.save(model.state_dict(), path)"
 
 
-def read_checkpoint(checkpoint, where: str, caller: str = "evolution") -> Mapping:
-    """A state_dict: ``checkpoint`` itself, or read from a path (``torch.save(model.state_dict(), path)``,
-    also inside a ``{"state_dict": ...}`` training checkpoint). ``where`` names it in errors."""
+def checkpoint_name(number: int, checkpoint) -> str:
+    """How errors name checkpoint ``number``: "checkpoint 2 ('epoch2.pt')", or "checkpoint 2" for a state_dict."""
     if isinstance(checkpoint, (str, os.PathLike)):
-        path = os.fspath(checkpoint)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{caller}: {where}: checkpoint file {path!r} does not exist or is not a file")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # pickle, zip and weights_only errors come in many types
-            raise ValueError(f"{caller}: {where}: cannot read {path!r} as a PyTorch state_dict (torch.load with "
-                             f"weights_only=True failed: {error}); save checkpoints with "
-                             "torch.save(model.state_dict(), path)") from None
-        if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):
-            checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise TypeError(f"{caller}: {where}: expected a state_dict (a mapping from parameter names to tensors) or "
-                        f"a path to one, got {type(checkpoint).__name__}")
-    if checkpoint and all(key.startswith("module.") for key in checkpoint):  # saved from DataParallel / DDP
-        checkpoint = {key[len("module."):]: value for key, value in checkpoint.items()}
-    return checkpoint
+        return f"checkpoint {number} ({os.fspath(checkpoint)!r})"
+    return f"checkpoint {number}"
 
 
-def load_checkpoint(model: nn.Module, state: Mapping, where: str, caller: str = "evolution") -> None:
-    """``model.load_state_dict(state)``, with an error that names every missing, unexpected or
-    mis-shaped key where the state does not fit."""
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    mis_shaped = [f"{key} {list(state[key].shape)} (model {list(value.shape)})" for key, value in expected.items()
-                  if key in state and state[key].shape != value.shape]
-
-    def listed(keys: List[str]) -> str:
-        return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
-
-    problems = [f"{label}: {listed(keys)}" for label, keys in (
-        ("missing keys", missing), ("unexpected keys", unexpected), ("shapes that differ", mis_shaped)) if keys]
-    if problems:
-        raise ValueError(f"{caller}: {where} does not fit the model ({type(model).__name__}): " + "; ".join(problems)
-                         + ". Pass checkpoints saved from this model with torch.save(model.state_dict(), path)")
-    model.load_state_dict(state, strict=True)
+def read_checkpoints(model: nn.Module, checkpoints, caller: str = "evolution") -> List[Tuple[str, Mapping]]:
+    """Every checkpoint (a state_dict or a path to one) read with :func:`deconvcuda.weights.read_state_dict`
+    and checked to fit ``model``, before any work: ``[(its name for errors, its state_dict)]``."""
+    states = []
+    for number, checkpoint in enumerate(checkpoints):
+        where = checkpoint_name(number, checkpoint)
+        state = read_state_dict(checkpoint, caller, where)
+        check_fits(model, state, caller, where, advice=CHECKPOINT_ADVICE)
+        states.append((where, state))
+    return states
 
 
 def _check_channels(channels, caller: str) -> List[int]:
@@ -88,10 +69,9 @@ def evolution(model: nn.Module, checkpoints: Sequence[Union[Mapping, str, os.Pat
 
     Returns ``[T, len(channels), C_in, H, W]`` (checkpoints, channels), in the data's dtype.
     """
-    from tqdm.auto import tqdm
-
-    from .. import batches, project, top_activations
-    from ..scan import model_device
+    from .. import batches
+    from ..engine import project
+    from ..scan import model_device, top_activations
     from .outputs import layer_list
 
     caller = "evolution"
@@ -107,17 +87,12 @@ def evolution(model: nn.Module, checkpoints: Sequence[Union[Mapping, str, os.Pat
     checkpoints = list(checkpoints)
     if not checkpoints:
         raise ValueError(f"{caller}: checkpoints is empty; pass at least one state_dict or path")
-    # every checkpoint is read and checked before any work, so a bad one fails fast
-    states = []
-    for number, checkpoint in enumerate(checkpoints):
-        where = (f"checkpoint {number} ({os.fspath(checkpoint)!r})" if isinstance(checkpoint, (str, os.PathLike))
-                 else f"checkpoint {number}")
-        states.append((where, read_checkpoint(checkpoint, where, caller)))
+    states = read_checkpoints(model, checkpoints, caller)  # every one read and checked: a bad one fails fast
 
     copied = copy.deepcopy(model)
     results = []
-    for where, state in tqdm(states, desc=f"evolution {layer}", unit="checkpoint", disable=not progress):
-        load_checkpoint(copied, state, where, caller)
+    for _, state in track(states, desc=f"evolution {layer}", unit="checkpoint", enabled=progress):
+        copied.load_state_dict(state, strict=True)
         top = top_activations(copied, data, layer, k=1, batch_size=batch_size, device=device, progress=False)
         n_channels = top.values.shape[0]
         bad = [channel for channel in channels if channel >= n_channels]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..checks import check_images
+from ..progress import track
 from .outputs import layer_list, layer_outputs
 
 __all__ = ["invariance", "transform_images", "class_probabilities", "TRANSFORMS"]
@@ -76,8 +77,6 @@ def invariance(model: nn.Module, images: torch.Tensor, layers: Union[str, Sequen
     ``torchvision.transforms.v2.functional.affine`` (bilinear, fill 0). Returns ``{layer: tensor}`` in
     the images' dtype. One forward per amount reaches every layer at once.
     """
-    from tqdm.auto import tqdm
-
     caller = "invariance"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -88,7 +87,7 @@ def invariance(model: nn.Module, images: torch.Tensor, layers: Union[str, Sequen
     with torch.no_grad():
         originals = {layer: output.flatten(1) for layer, output in layer_outputs(model, images, layers, caller).items()}
         columns = {layer: [] for layer in layers}
-        for amount in tqdm(amounts, desc=f"invariance {transform}", unit="amount", disable=not progress):
+        for amount in track(amounts, desc=f"invariance {transform}", unit="amount", enabled=progress):
             moved = layer_outputs(model, transform_images(images, transform, amount), layers, caller)
             for layer in layers:
                 difference = (moved[layer].flatten(1) - originals[layer]).to(torch.float64)

@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..checks import OutOfRangeError, check_images
+from ..checks import check_channel_per_image, check_images
 from ..geometry import checked_pair
 from .outputs import layer_list
 
@@ -74,34 +74,6 @@ def occluded_images(images: torch.Tensor, corners: torch.Tensor, window: Pair, f
     return torch.where(square, fill.unsqueeze(0), images)
 
 
-def _check_channel(channel, n_images: int, n_channels: int, flat: bool, caller: str) -> Optional[torch.Tensor]:
-    """``channel`` as a LongTensor [N] on the CPU, or None."""
-    what = "unit" if flat else "channel"
-    if channel is None:
-        return None
-    if isinstance(channel, (list, tuple)) and all(isinstance(c, int) and not isinstance(c, bool) for c in channel):
-        channel = torch.tensor(channel, dtype=torch.long)  # one per image, like a LongTensor [N]
-    if isinstance(channel, torch.Tensor):
-        if channel.dtype in (torch.bool,) or channel.is_floating_point() or channel.is_complex():
-            raise TypeError(f"{caller}: channel must be an int or a LongTensor [N], got a {channel.dtype} tensor")
-        if channel.dim() == 0:
-            channel = channel.reshape(1).expand(n_images)
-        if channel.dim() != 1 or channel.shape[0] != n_images:
-            raise ValueError(f"{caller}: channel as a tensor or list must hold one {what} per image, shape [{n_images}], "
-                             f"got {list(channel.shape)}")
-        channel = channel.detach().to("cpu", torch.long)
-    elif isinstance(channel, int) and not isinstance(channel, bool):
-        channel = torch.full((n_images,), channel, dtype=torch.long)
-    else:
-        raise TypeError(f"{caller}: channel must be an int, a LongTensor [N] or None, got {type(channel).__name__}")
-    bad = channel[(channel < 0) | (channel >= n_channels)]
-    if bad.numel():
-
-        raise OutOfRangeError(f"{caller}: {what} {int(bad[0])} is out of range; the layer has {n_channels} "
-                         f"{what}s (0..{n_channels - 1})")
-    return channel
-
-
 def _values(output: torch.Tensor, channel: torch.Tensor, reduce: str, softmax: bool) -> torch.Tensor:
     """Per row of ``output`` (the layer's output, [B, C, h, w] or [B, F]) the value of its row of
     ``channel`` [B] (on the output's device)."""
@@ -150,7 +122,7 @@ def _resolve_channel(output: torch.Tensor, channel, reduce: str, softmax: bool, 
                          f"output \"\"), but the layer's output is {list(output.shape)}; pass softmax=False")
     if output.dim() not in (2, 4):
         raise ValueError(f"{caller}: the layer's output must be [N, C, h, w] or [N, F], got {list(output.shape)}")
-    checked = _check_channel(channel, output.shape[0], output.shape[1], output.dim() == 2, caller)
+    checked = check_channel_per_image(channel, output.shape[0], output.shape[1], output.dim() == 2, caller)
     if checked is None:
         return strongest_channel(output, reduce)
     return checked.to(output.device)

@@ -1,11 +1,13 @@
-"""The figures of the analyses, drawn with matplotlib (its object API: no pyplot, no global state).
+"""The figures of the analyses (the paper's Figs. 4, 5 and 7), drawn with matplotlib (its object API:
+no pyplot, no global state).
 
     occlusion_figure(path, image, values, window=16, stride=8, projection=..., probabilities=..., classes=...)
     invariance_figure(path, transform, amounts, {layer: distances}, probabilities=...)
     evolution_figure(path, cells, checkpoint_labels, channel_labels)
+    draw_evolution(path, projections, channel_order, checkpoint_labels, channel_labels, title)
 
 Images come in as ``[3, H, W]`` RGB floats in [0, 1] (``Preprocessing.to_display``,
-``figures.projections_to_rgb``); every function writes one PNG and returns its path.
+``render.projections_to_rgb``); every function writes one PNG and returns its path.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-__all__ = ["occlusion_figure", "invariance_figure", "evolution_figure"]
+__all__ = ["occlusion_figure", "invariance_figure", "evolution_figure", "draw_evolution", "sanity_figure"]
 
 PathLike = Union[str, os.PathLike]
 DPI = 100
@@ -26,7 +28,7 @@ def _figure(width: float, height: float):
     try:
         from matplotlib.figure import Figure
     except ModuleNotFoundError:
-        raise ModuleNotFoundError("deconvcuda.analyses: the figures are drawn with matplotlib; install it with "
+        raise ModuleNotFoundError("deconvcuda.figures: the analyses' figures are drawn with matplotlib; install it with "
                                   "`pip install matplotlib`") from None
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
@@ -42,7 +44,7 @@ def _hwc(image: torch.Tensor) -> np.ndarray:
     """[3, H, W] (or [1, H, W]) floats in [0, 1] -> [H, W, 3] numpy."""
     image = image.detach().to("cpu", torch.float32).clamp(0.0, 1.0)
     if image.dim() != 3:
-        raise ValueError(f"deconvcuda.analyses: expected an image [3, H, W], got {list(image.shape)}")
+        raise ValueError(f"deconvcuda.figures: expected an image [3, H, W], got {list(image.shape)}")
     if image.shape[0] == 1:
         image = image.expand(3, -1, -1)
     return image.permute(1, 2, 0).numpy()
@@ -179,4 +181,85 @@ def evolution_figure(path: PathLike, cells: torch.Tensor, checkpoint_labels: Seq
                 axes[row][step].set_ylabel(channel_labels[row], fontsize=8)
     if title:
         figure.suptitle(title, fontsize=10)
+    return _save(figure, path)
+
+
+def draw_evolution(path, cells: torch.Tensor, channel_order: str, checkpoint_labels, channel_labels, title: str):
+    """``evolution``'s result [T, K, C, H, W] as the figure: each projection shown zero-centred on its own
+    contrast, cropped to the square around where it is non-zero."""
+    from .render import projections_to_rgb
+
+    steps, rows = cells.shape[:2]
+    rgb = projections_to_rgb(cells.flatten(0, 1).cpu(), channel_order)
+    magnitude = cells.flatten(0, 1).abs().sum(dim=1).cpu()          # [T * K, H, W]
+    crops = []
+    for i in range(rgb.shape[0]):
+        crops.append(_crop_to_support(rgb[i], magnitude[i]))
+    side = max(crop.shape[-1] for crop in crops)
+    resized = torch.stack([torch.nn.functional.interpolate(crop[None], size=(side, side), mode="nearest")[0]
+                           for crop in crops])
+    return evolution_figure(path, resized.view(steps, rows, 3, side, side), checkpoint_labels, channel_labels, title)
+
+
+def _crop_to_support(image: torch.Tensor, magnitude: torch.Tensor, share: float = 0.02) -> torch.Tensor:
+    """The smallest square of ``image`` [3, H, W] holding every pixel whose ``magnitude`` is above
+    ``share`` of the largest (the whole image where the projection is zero)."""
+    height, width = magnitude.shape
+    peak = float(magnitude.max())
+    if peak <= 0:
+        return image
+    ys, xs = torch.nonzero(magnitude > share * peak, as_tuple=True)
+    top, bottom, left, right = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    side = min(max(bottom - top, right - left, 8), height, width)
+    top = max(0, min((top + bottom - side) // 2, height - side))
+    left = max(0, min((left + right - side) // 2, width - side))
+    return image[:, top:top + side, left:left + side]
+
+
+#: The size of one cell of the sanity-check figure.
+SANITY_CELL_INCHES = 1.25
+
+
+def sanity_figure(path: PathLike, table, *, channel_order: str = "RGB",
+                  image: Optional[torch.Tensor] = None, title: str = "") -> Path:
+    """Adebayo et al.'s cascading-randomization figure of ``table`` (a :class:`deconvcuda.sanity.SanityCheck`):
+    rows are the rules, columns the randomization steps (the original model, then one more layer
+    randomized per column, from the top down), each cell the first image's projection as the gallery
+    shows projections, with that step's mean Spearman correlation and SSIM beneath. Drawn into the PNG
+    ``path``; returns the path. channel_order: the model's input order
+    ("BGR" models are shown in RGB). image: the first image as people see it (``[3, H, W]`` RGB in
+    [0, 1]), drawn as a first column when given. title: above the figure (default: what was randomized)."""
+    from ..sanity import SanityCheck
+    from .render import projections_to_rgb
+
+    if not isinstance(table, SanityCheck):
+        raise TypeError(f"sanity_figure: table must be a SanityCheck (what sanity_check returns), got "
+                        f"{type(table).__name__}")
+    rules, steps = table.projections.shape[:2]
+    cells = projections_to_rgb(table.projections.flatten(0, 1), channel_order).view(rules, steps, 3,
+                                                                                    *table.projections.shape[-2:])
+    first = image is not None
+    columns = steps + first
+    figure = _figure(SANITY_CELL_INCHES * columns + 0.6, SANITY_CELL_INCHES * rules + 0.9)
+    axes = figure.subplots(rules, columns, squeeze=False)
+    for row, rule in enumerate(table.rules):
+        if first:
+            axes[row][0].imshow(_hwc(image), interpolation="nearest")
+            if row == 0:
+                axes[row][0].set_title("image", fontsize=8)
+        for step in range(steps):
+            cell = axes[row][step + first]
+            cell.imshow(_hwc(cells[row, step]), interpolation="nearest")
+            if row == 0:
+                cell.set_title("original" if step == 0 else table.layers[step - 1], fontsize=8)
+            cell.set_xlabel(f"ρ {float(table.spearman[row, step]):.2f}  SSIM {float(table.ssim[row, step]):.2f}",
+                            fontsize=6.5)
+        axes[row][0].set_ylabel(rule, fontsize=9)
+        for cell in axes[row]:
+            cell.set_xticks([])
+            cell.set_yticks([])
+    neuron = table.neurons[0].tolist()
+    figure.suptitle(title or (f"cascading randomization down to the input: each column re-initialises one more layer; "
+                              f"{table.layer} channel {neuron[1]} at ({neuron[2]}, {neuron[3]}) of the first image, "
+                              f"projected; ρ, SSIM: means over {table.neurons.shape[0]} images"), fontsize=9)
     return _save(figure, path)

@@ -1,0 +1,6 @@
+"""``python -m deconvcuda.cli ...``: the same as ``python -m deconvcuda ...``."""
+import sys
+
+from . import main
+
+sys.exit(main())
