@@ -30,7 +30,23 @@ from ..forward import LayerForward
 from ..graph import Node
 from ..windows import Cone, Windows
 
-__all__ = ["OcclusionCones"]
+__all__ = ["OcclusionCones", "occluded_images"]
+
+Pair = Tuple[int, int]
+
+
+def occluded_images(images: torch.Tensor, corners: torch.Tensor, window: Pair, fill: torch.Tensor) -> torch.Tensor:
+    """``images`` [B, C, H, W] with a ``window`` square set to ``fill`` ([C, 1, 1]) at each row's
+    ``corners`` [B, 2] (top, left)."""
+    height, width = images.shape[-2:]
+    rows = torch.arange(height, device=images.device)
+    cols = torch.arange(width, device=images.device)
+    top, left = corners[:, 0, None], corners[:, 1, None]
+    inside_rows = (rows >= top) & (rows < top + window[0])      # [B, H]
+    inside_cols = (cols >= left) & (cols < left + window[1])    # [B, W]
+    square = (inside_rows[:, :, None] & inside_cols[:, None, :])[:, None]  # [B, 1, H, W]
+    return torch.where(square, fill.unsqueeze(0), images)
+
 
 
 def _spatial(value_shape) -> bool:
@@ -223,8 +239,6 @@ class OcclusionCones:
 
     def _recomputed_target(self, rows_images, corners, fill, window, chosen) -> torch.Tensor:
         """One batch of (image, position) rows the plain way: each occluded image through the forward."""
-        from .occlusion import occluded_images
-
         output = self.forward.run(occluded_images(self.images[rows_images], corners, window, fill))[self.layer]
         if output.dim() == 2:
             return output

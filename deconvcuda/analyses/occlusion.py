@@ -20,6 +20,7 @@ from torch import nn
 
 from ..checks import check_channel_per_image, check_images
 from ..geometry import checked_pair
+from .cone import occluded_images
 from .outputs import layer_list
 
 __all__ = ["occlusion", "most_probable_class", "occluder_grid", "occluded_images", "METHODS"]
@@ -59,19 +60,6 @@ def _check_fill(fill, images: torch.Tensor, caller: str) -> torch.Tensor:
         raise ValueError(f"{caller}: fill must be a float or a tensor [C] with one value per input channel "
                          f"(C = {channels}), got a tensor of shape {list(fill.shape)}")
     raise TypeError(f"{caller}: fill must be a float or a tensor [C] of per-channel values, got {type(fill).__name__}")
-
-
-def occluded_images(images: torch.Tensor, corners: torch.Tensor, window: Pair, fill: torch.Tensor) -> torch.Tensor:
-    """``images`` [B, C, H, W] with a ``window`` square set to ``fill`` ([C, 1, 1]) at each row's
-    ``corners`` [B, 2] (top, left)."""
-    height, width = images.shape[-2:]
-    rows = torch.arange(height, device=images.device)
-    cols = torch.arange(width, device=images.device)
-    top, left = corners[:, 0, None], corners[:, 1, None]
-    inside_rows = (rows >= top) & (rows < top + window[0])      # [B, H]
-    inside_cols = (cols >= left) & (cols < left + window[1])    # [B, W]
-    square = (inside_rows[:, :, None] & inside_cols[:, None, :])[:, None]  # [B, 1, H, W]
-    return torch.where(square, fill.unsqueeze(0), images)
 
 
 def _values(output: torch.Tensor, channel: torch.Tensor, reduce: str, softmax: bool) -> torch.Tensor:

@@ -2,7 +2,7 @@
 window growth and occlusion cone. Importing this package registers them all with the graph reader;
 a call no kind recognises is a ``General`` node (its exact gradient by autograd)."""
 from .base import (FUNCTION_KINDS, KINDS, METHOD_KINDS, MODULE_KINDS, At, Call, Constant, Keeper, Kind, NotNative,
-                   Unrepresentable, is_shape, register)
+                   Unrepresentable, function_name, is_shape, register)
 from .general import General, Nested, Ref, Template, Value
 from .pointwise import Pointwise
 from .activations import ReLU, ReLU6, Rectifier
@@ -33,24 +33,3 @@ def supported(paper_only: bool = False) -> str:
         forms = list(dict.fromkeys(forms))  # F.conv2d is torch.conv2d
         names.append(f"{kind.name} ({', '.join(forms)})")
     return "; ".join(names)
-
-
-def function_name(function) -> str:
-    """How a user writes ``function``: ``F.gelu`` (also for builtins such as torch._C._nn.gelu),
-    ``torch.cat``, ``operator.mul``, ``+``."""
-    import operator
-
-    import torch
-    import torch.nn.functional as F
-
-    if function in (operator.add, operator.iadd):
-        return "+" if function is operator.add else "+="
-    module = getattr(function, "__module__", None) or ""
-    name = getattr(function, "__name__", repr(function))
-    if module.startswith("torch.nn.functional") or getattr(F, name, None) is function:
-        return f"F.{name}"
-    if getattr(torch, name, None) is function:
-        return f"torch.{name}"
-    if module in ("_operator", "operator"):
-        return f"operator.{name}"
-    return f"{module}.{name}" if module else name

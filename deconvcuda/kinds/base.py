@@ -25,7 +25,7 @@ from ..rules import Rule
 from ..windows import Cone, Windows
 
 __all__ = ["Kind", "register", "Call", "At", "Keeper", "Kept", "MODULE_KINDS", "FUNCTION_KINDS", "METHOD_KINDS", "KINDS",
-           "Shape", "Constant", "Unrepresentable", "NotNative", "pair", "numel", "vjp", "linear_vjp", "is_shape"]
+           "Shape", "Constant", "Unrepresentable", "NotNative", "function_name", "pair", "numel", "vjp", "linear_vjp", "is_shape"]
 
 Shape = Tuple[int, ...]  # one image's shape: (C, H, W), (T, D) or (F,)
 
@@ -425,3 +425,23 @@ class Kind:
         """Shape errors are raised without the node's name: the graph reader adds it."""
         if len(shape) != 3:
             raise ValueError(f"needs a [N, C, H, W] input, got [N, {', '.join(map(str, shape))}]")
+
+
+def function_name(function) -> str:
+    """How a user writes ``function``: ``F.gelu`` (also for builtins such as torch._C._nn.gelu),
+    ``torch.cat``, ``operator.mul``, ``+``."""
+    import operator
+
+    import torch.nn.functional as F
+
+    if function in (operator.add, operator.iadd):
+        return "+" if function is operator.add else "+="
+    module = getattr(function, "__module__", None) or ""
+    name = getattr(function, "__name__", repr(function))
+    if module.startswith("torch.nn.functional") or getattr(F, name, None) is function:
+        return f"F.{name}"
+    if getattr(torch, name, None) is function:
+        return f"torch.{name}"
+    if module in ("_operator", "operator"):
+        return f"operator.{name}"
+    return f"{module}.{name}" if module else name

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
-from .base import Constant, Kind, Unrepresentable, is_shape
+from .base import Constant, Kind, Unrepresentable, function_name, is_shape
 
 __all__ = ["Ref", "Nested", "Template", "Value", "General", "replay_at", "per_image_shape", "shapes_in",
            "NOMINAL_BATCHES"]
@@ -127,7 +127,6 @@ class Template:
             return f"Tensor.{self.target}"
         if self.op == "get_attr":
             return f"attribute {self.target}"
-        from . import function_name
         return function_name(self.target)
 
 
