@@ -16,13 +16,13 @@ Cases (random weights; AlexNet from torchvision, VGG16 in deconvcuda.models' tor
   VGG16 features.30, both the output of the block's max pool);
 - top-9 of several channels of a middle layer from ``neurons=`` rows (AlexNet conv5 after its
   ReLU, features.11; VGG16 conv4_3 after its ReLU, features.22): several projections per image.
-CUDA uses DESIGN.md's anchor sizes (batch 64 at 224x224; 512 images, top-9 of all 256 AlexNet
+CUDA uses docs/DESIGN.md's anchor sizes (batch 64 at 224x224; 512 images, top-9 of all 256 AlexNet
 conv5 channels = 2,304 projections); the CPU uses a few small images, so its numbers are indicative.
 
 Floor: the dense definition costs F = F_img (N_forward + P) FLOPs (a forward of the images, one
 full-map reverse per projection, which costs about what the forward does); the native engine
 does the forward and then only each projection's receptive-field window of every reverse layer,
-so its floor is the forward, F_img N_forward / peak (see DESIGN.md's anchors: the forward scan is
+so its floor is the forward, F_img N_forward / peak (see docs/DESIGN.md's anchors, section 3: the forward scan is
 8.5 ms for 512 AlexNet images on an H100, 16 ms for 64 VGG16 images).
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ class AutogradDeconvNet:
     are replaced by ``DeconvReLU``, parameters frozen (only the input gradient is computed),
     run forward to ``layer`` on one row per projection; the seeds (each selected activation's
     value) go through one ``torch.autograd.grad``. Max pools, convs and the rest reverse by their
-    own autograd gradients, which are the DeconvNet's (DESIGN.md, "Semantics", point 4)."""
+    own autograd gradients, which are the DeconvNet's (docs/DESIGN.md, section 1)."""
 
     def __init__(self, model: nn.Module, layer: str):
         self.model = copy.deepcopy(model).eval()

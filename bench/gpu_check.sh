@@ -28,7 +28,7 @@
 #                   only, the output format and the TF32 tests
 #   fused-vs-dense  unpool_relu_deconv2d against unpool_relu + cuDNN at AlexNet's and VGG16's eight pool
 #                   boundaries (batch 64) and at the point-seed windows of 256 projections, fp32 / tf32 / bf16
-#   top9            bench/workloads.py --only top9: the paper's top-9 projections end to end, DESIGN.md's
+#   top9            bench/workloads.py --only top9: the paper's top-9 projections end to end, docs/DESIGN.md's
 #                   anchor (AlexNet conv5, 512 images, 2,304 projections) among them
 #   emulation       the kernels against their host emulation, bit for bit (tests/test_cuda_emulation.py)
 #   memcheck        compute-sanitizer memcheck on small op cases (the caching allocator off)

@@ -7,7 +7,10 @@
   photos, all projections with ``project(neurons=...)``, against a batched-autograd DeconvNet
   (bench_project.AutogradDeconvNet: every ReLU's backward relu(g), one backward per chunk of 64
   seeds). AlexNet conv5 (features.11), 24 crops of 224 px, 32 channels (288 projections); VGG16
-  conv3_3 (features.15, the embedded pretrained VGG16), 12 crops of 112 px, 16 channels (144).
+  conv3_3 (features.15, the embedded pretrained VGG16), 12 crops of 112 px, 16 channels (144);
+  EfficientNet-B0 stage 4 (features.4), 12 crops of 224 px, 16 channels (144); ConvNeXt-T stage 2
+  (features.3), 8 crops of 112 px, 8 channels (72). The last two have random weights and no ReLU:
+  their projections are gradients through SiLU, squeeze-excitation, LayerNorm and GELU.
 - strongest: each image's strongest activation of one channel of the last conv block (batch 64 on
   a GPU, 8 on the CPU): ``project(channel=c)``.
 - pipeline: the scan (top_activations), then the top-9 projections, as ``visualize`` runs them.
@@ -80,7 +83,7 @@ def _model(name: str, device):
 
 def _images(size: int, crops: int, device):
     """``crops`` crops of the bundled photos; where they hold fewer, mirrored and shifted copies make
-    up the count (DESIGN.md's GPU anchor scans 512 images)."""
+    up the count (docs/DESIGN.md's GPU anchor scans 512 images)."""
     images = deconvcuda.data.bundled_photos(size=size, crops_per_photo=min(14, -(-crops // 6))).images
     variants = [images]
     while sum(v.shape[0] for v in variants) < crops:
@@ -194,13 +197,15 @@ def main(argv=None):
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     plans = {
-        "top9": [("alexnet", "features.11", 224, 24, 32), ("vgg16_hed", "features.15", 112, 12, 16)],
+        "top9": [("alexnet", "features.11", 224, 24, 32), ("vgg16_hed", "features.15", 112, 12, 16),
+                 # modern blocks: SiLU, squeeze-excitation, LayerNorm, GELU, layer scale by their gradients
+                 ("efficientnet_b0", "features.4", 224, 12, 16), ("convnext_tiny", "features.3", 112, 8, 8)],
         "strongest": [("alexnet", "features.11", 224, 64 if gpu else 8), ("vgg16_hed", "features.29", 224,
                                                                           64 if gpu else 4)],
         "pipeline": [("alexnet", "features.11", 224, 24, 32)],
     }
     if gpu and not args.quick:
-        plans["top9"].append(("alexnet", "features.11", 224, 512, 256))  # DESIGN.md's anchor: 2,304 projections
+        plans["top9"].append(("alexnet", "features.11", 224, 512, 256))  # docs/DESIGN.md's anchor: 2,304 projections
     if args.quick:
         plans = {"top9": [("alexnet", "features.11", 112, 2, 2), ("vgg16_hed", "features.15", 64, 2, 2)],
                  "strongest": [("alexnet", "features.11", 112, 2)], "pipeline": [("alexnet", "features.11", 112, 2, 2)]}

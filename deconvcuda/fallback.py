@@ -5,7 +5,7 @@ batch in dim 0. The model runs as it is, in eval mode (every module's flag resto
 (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``Tensor.relu``, in place or not, ``nn.ReLU6``,
 ``F.relu6``, ``hardtanh(0, 6)``); the layer's output is taken by a forward hook that is removed
 afterwards; every other op reverses by autograd's own gradient. That is the projection's definition
-(DESIGN.md's point 4), so the results are exact; it costs what batched autograd costs (one forward
+(docs/DESIGN.md, section 1), so the results are exact; it costs what batched autograd costs (one forward
 row per projection), not what the graph engine does.
 """
 from __future__ import annotations

@@ -45,7 +45,7 @@ def _default_output_size(op: str, input_hw, weight: torch.Tensor, stride, paddin
 
 
 # --------------------------------------------------------------------------------------------- #
-# Public wrappers (signatures fixed by DESIGN.md)
+# Public wrappers (signatures fixed by the public API, docs/DESIGN.md section 1.1)
 # --------------------------------------------------------------------------------------------- #
 
 def max_pool2d_switches(input: torch.Tensor, kernel_size: IntPair, stride: Optional[IntPair] = None,

@@ -270,7 +270,7 @@ def forward_to_layer(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Ten
 
 
 # --------------------------------------------------------------------------------------------- #
-# The rule oracle: autograd with every rectifier's backward swapped for the rule's (DESIGN.md)
+# The rule oracle: autograd with every rectifier's backward swapped for the rule's (docs/DESIGN.md, section 1)
 # --------------------------------------------------------------------------------------------- #
 
 class _RuleRectifier(torch.autograd.Function):
@@ -335,7 +335,7 @@ def randomize_batch_norms(model: nn.Module, seed: int) -> nn.Module:
 
 
 def rule_seed_map(out: torch.Tensor, channel=None, position=None, neurons=None, seed: str = "value") -> torch.Tensor:
-    """DESIGN's seed, shaped like ``out`` (one row per projection): the selected activations keep their
+    """docs/DESIGN.md's seed, shaped like ``out`` (one row per projection): the selected activations keep their
     value (or 1), all else 0. ``channel`` alone picks each row's first maximum of that map, row-major
     (of a token layer [N, T, D]: over the tokens of feature ``channel``; ``position`` is the token);
     with ``neurons``, row p of ``out`` belongs to neurons[p] ((image, d, t, 0) for tokens)."""

@@ -101,7 +101,8 @@ def test_cuda_device_without_a_gpu_exits_2(tmp_path, capsys):
     (["--top", "0"], "argument --top: expected a positive integer, got '0'"),
     (["--channels", "3-1"], "argument --channels: expected channels like '0-15,32'"),
     (["--channels", "a"], "argument --channels: expected channels like '0-15,32'"),
-    (["--model", "vit_b_16"], "argument --model: invalid choice: 'vit_b_16'"),
+    (["--model", "vit_b_17"], "argument --model: expected one of vgg16_hed, zfnet, alexnet"),
+    (["--model", "timm:"], "or timm:NAME for a timm model, got 'timm:'"),
     (["--layers", "features.1,,2"], "argument --layers: expected layer names separated by commas"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
 ])

@@ -9,7 +9,7 @@ Oracles:
   * an autograd oracle written here (``deconv_oracle``): the model's own forward, run with autograd
     in float64 under a TorchFunctionMode that replaces every ReLU's backward by ``relu(g)``
     (nn.ReLU, F.relu, torch.relu, Tensor.relu, in place or not), seeded with the seed map. It is the
-    DESIGN's definition of a projection, independent of deconvcuda's fx plan and of its kernels.
+    docs/DESIGN.md's definition of a projection, independent of deconvcuda's fx plan and of its kernels.
   * Captum's NeuronDeconvolution (a test dependency only) on models whose ReLUs are nn.ReLU modules:
     seed="one" equals its attribution, seed="value" equals it times the activation's value.
 
@@ -99,7 +99,7 @@ class _DeconvMode(TorchFunctionMode):
 
 
 
-seed_map = rule_seed_map  # the DESIGN's seed, shared with the graph models' oracle (conftest)
+seed_map = rule_seed_map  # docs/DESIGN.md's seed, shared with the graph models' oracle (conftest)
 
 
 def deconv_oracle(model64: nn.Module, images: torch.Tensor, layer: str, channel=None, position=None, neurons=None, *,

@@ -13,7 +13,7 @@ from deconvcuda import rules
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# DESIGN.md's Semantics table: per rule, the reverse of a ReLU as a function of (g, x).
+# docs/DESIGN.md's table (section 1): per rule, the reverse of a ReLU as a function of (g, x).
 TABLE = {
     "deconvnet": lambda g, x: g.clamp_min(0),
     "guided": lambda g, x: g.clamp_min(0) * (x > 0),

@@ -78,7 +78,7 @@ inline void check_switches(const char* op, const at::Tensor& switches, const at:
               ", got ", switches.sizes());
 }
 
-// rule: one of the three names of DESIGN.md's table.
+// rule: one of the names the rule registry gives the kernels (deconvcuda/rules.py).
 inline rules::RuleKind check_rule(const char* op, c10::string_view rule) {
   if (rule == "deconvnet") return rules::RuleKind::kDeconvnet;
   if (rule == "guided") return rules::RuleKind::kGuided;

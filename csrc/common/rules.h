@@ -1,4 +1,4 @@
-// The reverse rules of the ReLU that precedes a max pool (DESIGN.md's table), as compile-time policy
+// The reverse rules of the ReLU that precedes a max pool (docs/DESIGN.md, section 1), as compile-time policy
 // types shared by the CPU and CUDA kernels.
 //
 // At an unpooled position i the kernels compute s_i = sum over the pooled values w whose switch

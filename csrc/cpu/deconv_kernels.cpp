@@ -1,4 +1,4 @@
-// CPU kernels of the four deconvcuda operators (schemas in csrc/ops.cpp, semantics in DESIGN.md).
+// CPU kernels of the four deconvcuda operators (schemas in csrc/ops.cpp, semantics in docs/DESIGN.md).
 //
 // Layout: the kernels live in an anonymous namespace, templated on the scalar type; the op
 // functions below them check their arguments (csrc/common/checks.h), make the inputs NCHW

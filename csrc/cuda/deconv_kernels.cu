@@ -1,4 +1,4 @@
-// CUDA kernels of the four deconvcuda operators (schemas in csrc/ops.cpp, semantics in DESIGN.md).
+// CUDA kernels of the four deconvcuda operators (schemas in csrc/ops.cpp, semantics in docs/DESIGN.md).
 //
 // Layout as torchvision's roi_align_kernel.cu: kernels in an anonymous namespace, templated on the
 // scalar type; host functions that check their arguments (csrc/common/checks.h, shared with the

@@ -112,13 +112,23 @@ def count_or_all(text: str) -> Optional[int]:
 # The options every command has
 # --------------------------------------------------------------------------------------------- #
 
-def add_model_options(parser: argparse.ArgumentParser, weights_help: Optional[str] = None) -> None:
-    """``--model`` (one of ``deconvcuda.models.MODEL_NAMES``) and ``--weights``."""
-    from ..models import MODEL_NAMES
+def parse_model(text: str) -> str:
+    """``--model``: a name of ``deconvcuda.models.MODEL_NAMES``, or ``timm:NAME``."""
+    from ..models import MODEL_NAMES, TIMM_PREFIX
 
-    parser.add_argument("--model", default="vgg16_hed", choices=MODEL_NAMES, metavar="NAME",
-                        help=f"one of: {', '.join(MODEL_NAMES)} (default vgg16_hed: pretrained, embedded; the "
-                             "others have random weights unless --weights)")
+    if text in MODEL_NAMES or (text.startswith(TIMM_PREFIX) and len(text) > len(TIMM_PREFIX)):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(MODEL_NAMES)}, or {TIMM_PREFIX}NAME for a timm "
+                                     f"model, got {text!r}")
+
+
+def add_model_options(parser: argparse.ArgumentParser, weights_help: Optional[str] = None) -> None:
+    """``--model`` (one of ``deconvcuda.models.MODEL_NAMES``, or timm:NAME) and ``--weights``."""
+    from ..models import MODEL_NAMES, TIMM_PREFIX
+
+    parser.add_argument("--model", default="vgg16_hed", type=parse_model, metavar="NAME",
+                        help=f"one of: {', '.join(MODEL_NAMES)}, or {TIMM_PREFIX}NAME for a timm model (default "
+                             "vgg16_hed: pretrained, embedded; the others have random weights unless --weights)")
     parser.add_argument("--weights", metavar="FILE",
                         help=weights_help or "a torchvision-style state_dict file (torch.save(model.state_dict(), FILE))")
 

@@ -313,7 +313,7 @@ class Kind:
     #: How the reverse is computed, for ``describe``: "kernel" (a native kernel), "rule" (the
     #: rectifiers) or "gradient" (the layer's exact gradient).
     reversal: ClassVar[str] = "gradient"
-    #: Whether the kind is one of the paper's reverse operations (DESIGN.md's table), which
+    #: Whether the kind is one of the paper's reverse operations (docs/DESIGN.md, section 1), which
     #: ``strict=True`` keeps; an instance may narrow it (``in_table``).
     paper: ClassVar[bool] = True
 
@@ -340,7 +340,7 @@ class Kind:
         return []
 
     def outside_table(self):
-        """Why this layer, as called, is not one of the paper's reverse operations (DESIGN.md's table,
+        """Why this layer, as called, is not one of the paper's reverse operations (docs/DESIGN.md, section 1,
         all ``strict=True`` keeps), or None where it is one."""
         return None if self.paper else "is not one of the paper's reverse operations"
 

@@ -165,7 +165,7 @@ class Split(LinearCall):
 
 @register
 class Cat(Kind):
-    """torch.cat: each input gets its slice of g. Along the channels of maps (DESIGN.md's table) it keeps
+    """torch.cat: each input gets its slice of g. Along the channels of maps (docs/DESIGN.md, section 1) it keeps
     receptive-field windows; along other dims (tokens after a class token) it works on whole maps."""
 
     name = "cat"
