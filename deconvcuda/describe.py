@@ -31,6 +31,7 @@ class Step:
     reversal: str
     reverse: str
     in_table: bool
+    kind_of_op: str  # the op without this call's particulars ("MultiheadAttention", "torch.chunk")
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Description:
 
     def gradient_ops(self) -> List[str]:
         """The distinct ops outside the paper's table (each takes its exact gradient), in path order."""
-        return list(dict.fromkeys(step.op for step in self.steps if not step.in_table))
+        return list(dict.fromkeys(step.kind_of_op for step in self.steps if not step.in_table))
 
     def __str__(self) -> str:
         head = f"path to layer {self.layer!r} under rule {self.rule!r}"
@@ -98,5 +99,5 @@ def describe(model: nn.Module, layer, input_shape: Sequence[int], *, rule: str =
         elif node in fused:
             reverse = f"{reverse}, inside the fused kernel of {fused[node].describe()}"
         steps.append(Step(node.name, getattr(kind, "label", kind.name), node.where, tuple(shapes[node]),
-                          kind.reversal, reverse, kind.outside_table() is None))
+                          kind.reversal, reverse, kind.outside_table() is None, kind.op))
     return Description(name, rule_object.name, steps)

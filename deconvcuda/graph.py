@@ -581,15 +581,17 @@ class Reader:
             template = self.template_of(node, inputs, nested={producer: self.template_of(producer, inputs)})
             position = 1 if producer.target in (torch.unbind, "unbind") else 2
             dim = producer.kwargs.get("dim", producer.args[position] if len(producer.args) > position else 0)
-            return Split(template, f"{self.what(producer)}[{node.args[1]!r}]", dim), inputs
+            return Split(template, f"{self.what(producer)}[{node.args[1]!r}]", dim,
+                         op=self.template_of(producer, []).describe()), inputs
         if producer.op in ("call_function", "call_method", "call_module") and self._is_general(producer):
             if self.strict:
                 self.refuse(producer, None)
             template = self.template_of(node, inputs, nested={producer: self.template_of(producer, inputs)})
-            return General(template, f"{self.what(producer)}[{node.args[1]!r}]"), inputs
+            return General(template, f"{self.what(producer)}[{node.args[1]!r}]",
+                           op=self.template_of(producer, []).describe()), inputs
         if self.strict:
             self.refuse(node, None)
-        return General(self.template_of(node, inputs), f"[{node.args[1]!r}]"), inputs
+        return General(self.template_of(node, inputs), f"[{node.args[1]!r}]", op="indexing"), inputs
 
     def _is_general(self, node: fx.Node) -> bool:
         """Whether a data call would be a general node (no kind reverses it natively)."""

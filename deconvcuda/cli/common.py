@@ -209,13 +209,13 @@ def build_model(args) -> torch.nn.Module:
         raise UsageError(f"--weights: {error}" if args.weights else str(error)) from None
 
 
-def check_layers(model: torch.nn.Module, layers: Sequence[str]) -> None:
-    """A UsageError naming the layers the model does not have, and the ones it has."""
+def check_layers(model: torch.nn.Module, layers: Sequence[str], option: str = "--layers") -> None:
+    """A UsageError naming the layers the model does not have (given with ``option``), and the ones it has."""
     names = [name for name, _ in model.named_modules() if name]
     unknown = [layer for layer in layers if layer not in names]
     if unknown:
         shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
-        raise UsageError(f"--layers: unknown layer(s) {', '.join(unknown)}; the model's layers are: {shown}")
+        raise UsageError(f"{option}: unknown layer(s) {', '.join(unknown)}; the model's layers are: {shown}")
 
 
 def weights_description(model: str, weights: Optional[str]) -> str:

@@ -56,6 +56,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         help="how LocalResponseNorm is reversed (default: its gradient)")
     parser.add_argument("--backend", choices=("auto", "reference"), default="auto",
                         help="native kernels (auto, default) or the pure-PyTorch reference")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse every op outside the paper's reverse operations instead of taking its exact "
+                             "gradient (SiLU, GELU, attention, ...)")
     return parser
 
 
@@ -84,7 +87,8 @@ def _visualize(args, device: torch.device, rank: int, world: int) -> int:
     result = visualize(model, images.data, layers, channels=args.channels, max_channels=args.max_channels, k=args.top,
                        rule=args.rule, contrast=args.contrast, out=args.out, image_names=images.names,
                        preprocessing=model.preprocessing, batch_size=args.batch_size, device=device, seed=args.seed,
-                       lrn=args.lrn, backend=args.backend, progress=not args.no_progress, model_name=args.model,
+                       lrn=args.lrn, backend=args.backend, strict=args.strict, progress=not args.no_progress,
+                       model_name=args.model,
                        weights=common.weights_description(args.model, args.weights), data_name=images.describe)
     if rank == 0:
         shares = f" ({' + '.join(map(str, result.images_per_rank))} by the {world} processes)" if world > 1 else ""

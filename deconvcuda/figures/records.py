@@ -37,6 +37,8 @@ class LayerFigures:
     silent: List[int] = field(default_factory=list)          # channels with no activation > 0 in the data
     map_size: Tuple[int, ...] = ()                           # (H, W) of the output map; () for a flat layer
     stride: Tuple[int, int] = (0, 0)                         # input pixels between neighbouring fields
+    gradient_ops: List[str] = field(default_factory=list)    # ops on the path outside the paper's table
+    fallback: Optional[str] = None                           # why the graph cannot hold the model, if it cannot
 
 
 @dataclass

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .. import rules as reverse_rules
+from ..describe import describe
 from ..distributed import process_group, share
 from ..progress import Progress, duration, is_terminal
 from . import gallery, render
@@ -70,7 +71,7 @@ def visualize(model: nn.Module, data, layers: Union[str, Sequence[str]], *,
               rule: Union[str, Sequence[str]] = "deconvnet", contrast: str = "robust",
               out: Union[str, os.PathLike] = "out", image_names: Optional[Sequence[str]] = None,
               preprocessing=None, batch_size: int = 32, device=None, seed: str = "value",
-              lrn: str = "gradient", backend: str = "auto", progress: bool = True,
+              lrn: str = "gradient", backend: str = "auto", strict: bool = False, progress: bool = True,
               model_name: Optional[str] = None, weights: Optional[str] = None, data_name: DataName = None,
               sections: Sequence[gallery.Section] = ()) -> Visualization:
     """Write the paper's figure for each of ``layers`` and channel to ``out/``, and ``out/index.html``.
@@ -92,7 +93,7 @@ def visualize(model: nn.Module, data, layers: Union[str, Sequence[str]], *,
     there is one). preprocessing: a ``deconvcuda.models.Preprocessing`` that turns model input back into
     pixels (default ``model.preprocessing`` where the model has one, else each patch is stretched to
     its own range). device: where the work runs, default the model's device (the model must be there).
-    seed, lrn, backend: as for ``deconvcuda.project``. progress: progress and a time estimate on stderr.
+    seed, lrn, backend, strict: as for ``deconvcuda.project``. progress: progress and a time estimate on stderr.
     model_name, weights, data_name: what the page's header says about the model, where its weights
     came from (e.g. "random weights" or a file) and the data (a str, or a function of the number of
     images the scan read that returns one). sections: extra :class:`Section` s (pages of other
@@ -105,7 +106,8 @@ def visualize(model: nn.Module, data, layers: Union[str, Sequence[str]], *,
     """
     request = _Request(model=model, data=data, layers=layers, channels=channels, max_channels=max_channels, k=k,
                        rules=rule, contrast=contrast, out=out, image_names=image_names, preprocessing=preprocessing,
-                       batch_size=batch_size, device=device, seed=seed, lrn=lrn, backend=backend, progress=progress,
+                       batch_size=batch_size, device=device, seed=seed, lrn=lrn, backend=backend, strict=strict,
+                       progress=progress,
                        model_name=model_name, weights=weights, data_name=data_name, sections=sections)
     if request.rank == 0:
         gallery.prepare_output(request.out)
@@ -141,6 +143,7 @@ class _Request:
     seed: str
     lrn: str
     backend: str
+    strict: bool
     progress: bool
     model_name: Optional[str]
     weights: Optional[str]
@@ -358,6 +361,8 @@ def _plan_layer(request: _Request, layer: str, scan, scan_seconds: float, sample
                           seconds={"top_activations": scan_seconds, "project": 0.0, "draw": 0.0})
     if sample is not None:
         record.receptive_field, record.stride, record.map_size = _geometry(request, layer, sample)
+        description = describe(request.model, layer, tuple(sample.shape), rule=request.rules[0])
+        record.gradient_ops, record.fallback = description.gradient_ops(), description.fallback
     pairs = [(c, r) for c in drawn for r in range(values.shape[1]) if bool(fires[c, r])]
     return _LayerWork(record, values, image_index, ys, xs, pairs)
 
@@ -441,7 +446,7 @@ def _project_chunk(request: _Request, chunk: _Chunk):
     projections, outlines = [], None
     for name in request.rules:
         projected = project(request.model, images, layer, neurons=neurons.to(request.device), rule=name,
-                            seed=request.seed, lrn=request.lrn, backend=request.backend)
+                            seed=request.seed, lrn=request.lrn, backend=request.backend, strict=request.strict)
         crops = crop_patches(projected, boxes, fill=0.0).cpu()
         del projected
         if outlines is None:
@@ -558,7 +563,8 @@ def _write_gallery(request: _Request, work: List[_LayerWork], tops, drawing_erro
         for record in records:
             _draw_overview(request.out, record, request.k)
         title = f"deconvcuda: {request.model_name or type(request.model).__name__}"
-        page = gallery.index_html(title, _header(request, scanned), records, request.out, request.rules, request.k,
+        page = gallery.index_html(title, _header(request, scanned, records), records, request.out, request.rules,
+                                  request.k,
                                   scanned, request.sections)
         index.write_text(page, encoding="utf-8")
         gallery.record_outputs(request.out, [index] + [figure.path for record in records for figure in record.figures]
@@ -569,8 +575,23 @@ def _write_gallery(request: _Request, work: List[_LayerWork], tops, drawing_erro
     return share(write if request.rank == 0 else (lambda: None), "visualize", world=request.world)[0]
 
 
-def _header(request: _Request, scanned: int) -> List[Tuple[str, str]]:
-    """The page's header rows: the model, its weights, the data, the rules, the display, the settings, the device."""
+def _reversal(records: Sequence[LayerFigures]) -> str:
+    """The header's word on how each layer's path is reversed beyond the paper's operations."""
+    notes = []
+    for record in records:
+        if record.fallback is not None:
+            notes.append(f"{record.layer}: by autograd on the model itself, every rectifier the rule's "
+                         f"({record.fallback})")
+        elif record.gradient_ops:
+            notes.append(f"{record.layer}: {', '.join(record.gradient_ops)} by their exact gradient")
+        else:
+            notes.append(f"{record.layer}: only the paper's reverse operations")
+    return "; ".join(notes)
+
+
+def _header(request: _Request, scanned: int, records: Sequence[LayerFigures]) -> List[Tuple[str, str]]:
+    """The page's header rows: the model, its weights, the data, the rules, how the paths are
+    reversed, the display, the settings, the device."""
     contrast = {
         "robust": f"robust: per projection, its colour cast removed, the {render.ROBUST_PERCENTILE:g}th percentile "
                   "of |value| at black and white (brighter values clipped), zero at mid-gray",
@@ -587,6 +608,7 @@ def _header(request: _Request, scanned: int) -> List[Tuple[str, str]]:
         ("weights", request.weights or "not stated (visualize(..., weights=...) says where they came from)"),
         ("data", data_name or f"{scanned} images"),
         ("rule", "; ".join(f"{name}: {reverse_rules.RULES[name].description}" for name in request.rules)),
+        ("reverse", _reversal(records)),
         ("contrast", contrast),
         ("settings", f"k = {request.k} (activations per channel, one per image), seed = {request.seed!r}, "
                      f"lrn = {request.lrn!r}, backend = {request.backend!r}"),

@@ -344,6 +344,12 @@ class Kind:
         all ``strict=True`` keeps), or None where it is one."""
         return None if self.paper else "is not one of the paper's reverse operations"
 
+    @property
+    def op(self) -> str:
+        """The op this layer is, for ``describe``'s list of ops that take their gradient (the class of
+        op, not this call: ``GELU``, ``torch.chunk``, ``MultiheadAttention``)."""
+        return self.__dict__.get("_op") or getattr(self, "label", self.name)
+
     def describe_reverse(self, rule: Rule) -> str:
         """How ``describe`` says this layer is reversed under ``rule``."""
         return {"kernel": "native kernel", "rule": f"the rule ({rule.name})"}.get(self.reversal, "its gradient")

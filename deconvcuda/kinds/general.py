@@ -121,13 +121,16 @@ class Template:
         return cache[key]
 
     def describe(self) -> str:
+        """What the call is, as a user reads it: the module's class, ``Tensor.permute``, ``F.softmax``,
+        the function's own name for one outside torch."""
         if self.op == "call_module":
             return type(self.module).__name__
         if self.op == "call_method":
             return f"Tensor.{self.target}"
         if self.op == "get_attr":
             return f"attribute {self.target}"
-        return function_name(self.target)
+        name = function_name(self.target)
+        return name if name.split(".")[0] in ("F", "torch", "operator") or "." not in name else name.split(".")[-1]
 
 
 _SHAPE_DTYPE = [torch.float32]
@@ -212,9 +215,10 @@ class General(Kind):
     windowed = False
     paper = False
 
-    def __init__(self, template: Template, label: Optional[str] = None):
+    def __init__(self, template: Template, label: Optional[str] = None, op: Optional[str] = None):
         self.template = template
         self.label = label or template.describe()
+        self._op = op or template.describe()
 
     @classmethod
     def from_module(cls, module, call):

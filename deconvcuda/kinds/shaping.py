@@ -6,6 +6,8 @@ linear) take autograd's gradient of the call at zeros. Concatenating and splitti
 of a map keep receptive-field windows; the rest works on whole maps."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -150,8 +152,8 @@ class Split(LinearCall):
     splits = (torch.split, torch.chunk, torch.unbind, torch.tensor_split, "split", "chunk", "unbind",
               "tensor_split", "split_with_sizes")
 
-    def __init__(self, template, label: str, dim):
-        super().__init__(template, label)
+    def __init__(self, template, label: str, dim, op: Optional[str] = None):
+        super().__init__(template, label, op)
         self.dim = dim
         self.windowed = dim in (1, -3)  # along a map's channels; output_shape knows for sure
 
