@@ -102,14 +102,14 @@ def test_every_torchvision_family_equals_the_oracle(family, measured_once):
     for layer in (block, ""):
         with torch.no_grad():
             channel = strongest_channel(forward_to_layer(model, images, layer))
-        rectified = has_rectifiers(model, layer, tuple(images.shape[1:]))
-        expected = None
-        for rule in RULES:
+        # without a rectifier on the path the rules are one computation (describe shows none is
+        # reversed by the rule): one projection stands for all three
+        rules = RULES if has_rectifiers(model, layer, tuple(images.shape[1:])) else RULES[:1]
+        for rule in rules:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", FallbackWarning)  # every family is read by the graph engine
                 actual = deconvcuda.project(model, images, layer, channel=channel, rule=rule)
-            if expected is None or rectified:
-                expected = rule_oracle(model, images, layer, channel=channel, rule=rule)
+            expected = rule_oracle(model, images, layer, channel=channel, rule=rule)
             assert expected.abs().max() > 0, f"{name} {layer or 'logits'} {rule}: the oracle is zero"
             error = relative_error(actual, expected)
             assert error < TOLERANCE, f"{name} {layer or 'logits'} {rule}: {error:.2e}"
