@@ -14,7 +14,8 @@ from .scan import TopActivations, top_activations
 from . import data, models
 from .figures import visualize
 from .analyses import evolution, invariance, occlusion
+from .synthesis import synthesize
 
 __all__ = ["ops", "reference", "project", "layers", "LayerInfo", "top_activations", "TopActivations", "receptive_field",
            "ReceptiveField", "crop_patches", "visualize", "models", "data", "occlusion", "invariance", "evolution",
-           "__version__"]
+           "synthesize", "__version__"]

@@ -1,0 +1,161 @@
+"""The measurement behind synthesize's default regularizers (docs/synthesize.md): on the embedded VGG16,
+at several depths, the activation each set of regularizers reaches for a few channels, beside the
+strongest activation of those channels over crops of the bundled photos, and a figure of the images.
+
+    .venv/bin/python examples/synthesize_compare.py --out docs --size 96 --steps 128
+
+Writes docs/synthesize_compare.png (rows: regularizer sets; columns: layer/channel) and prints the
+table (Markdown) that docs/synthesize.md records; the raw numbers go to docs/synthesize_compare.json.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import deconvcuda
+from deconvcuda.capture import capture
+from deconvcuda.synthesis import Blur, ContributionClip, Decay, Fourier, Jitter, NormClip, Rotate, Scale
+
+#: The sets compared: a name, the regularizers (all at their default strengths unless written out).
+SETS = {
+    "none (pixels)": [],
+    "decay + blur (Yosinski)": [Decay(), Blur()],
+    "blur + norm clip + contribution clip (Yosinski)": [Blur(), NormClip(), ContributionClip()],
+    "jitter + scale + rotate (pixels)": [Jitter(), Scale(), Rotate()],
+    "fourier": [Fourier()],
+    "fourier + jitter + scale + rotate": [Fourier(), Jitter(), Scale(), Rotate()],
+    "fourier + transforms + decay + blur": [Fourier(), Jitter(), Scale(), Rotate(), Decay(), Blur()],
+}
+
+
+def photo_statistics(model, layer, images, batch_size=35):
+    """Per channel, the best over the images of: the map's mean, its maximum, its centre unit."""
+    best = None
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            output = capture(model, images[start:start + batch_size], [layer], "photo_statistics",
+                             stop_early=True)[0][layer]
+            h, w = output.shape[-2:]
+            stats = torch.stack([output.mean((2, 3)), output.amax((2, 3)), output[:, :, h // 2, w // 2]])
+            stats = stats.amax(1)  # [3, C]
+            best = stats if best is None else torch.maximum(best, stats)
+    return {"mean": best[0], "max": best[1], "centre": best[2]}
+
+
+def layer_values(model, layer, rgb, channels):
+    """Per image n: channel channels[n]'s map mean and maximum on the synthesized image."""
+    with torch.no_grad():
+        output = capture(model, model.preprocessing.to_model(rgb), [layer], "layer_values", stop_early=True)[0][layer]
+    maps = output[torch.arange(len(channels)), torch.tensor(channels)]
+    return maps.mean((1, 2)), maps.amax((1, 2))
+
+
+def high_frequency_share(rgb):
+    """The share of the image's spectral energy (mean removed) above a quarter of the Nyquist frequency."""
+    centred = rgb - rgb.mean((2, 3), keepdim=True)
+    power = torch.fft.rfft2(centred).abs().pow(2)
+    fy = torch.fft.fftfreq(rgb.shape[-2])[:, None]
+    fx = torch.fft.rfftfreq(rgb.shape[-1])[None, :]
+    high = (fx * fx + fy * fy).sqrt() > 0.125
+    return (power * high).sum((1, 2, 3)) / power.sum((1, 2, 3))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="docs")
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--steps", type=int, default=128)
+    parser.add_argument("--layers", default="features.8,features.15,features.22,features.29")
+    parser.add_argument("--per-layer", type=int, default=2, help="channels per layer")
+    parser.add_argument("--sets", default="", help="comma-separated indices into SETS (default all)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = deconvcuda.models.build("vgg16_hed")
+    photos = deconvcuda.data.bundled_photos(size=args.size, crops_per_photo=14)
+    inputs = model.preprocessing.to_model(photos.images)
+    layers = args.layers.split(",")
+    sets = list(SETS.items())
+    if args.sets:
+        sets = [sets[int(i)] for i in args.sets.split(",")]
+
+    chosen, photo = {}, {}
+    for layer in layers:
+        photo[layer] = photo_statistics(model, layer, inputs)
+        count = photo[layer]["max"].numel()
+        # evenly spaced channels, each the next one that fires somewhere in the photos
+        picks = []
+        for i in range(args.per_layer):
+            channel = i * count // args.per_layer
+            while photo[layer]["max"][channel] <= 0:
+                channel += 1
+            picks.append(channel)
+        chosen[layer] = picks
+
+    results, images = [], {}
+    for set_name, regularizers in sets:
+        for layer in layers:
+            channels = chosen[layer]
+            start = time.perf_counter()
+            rgb = deconvcuda.synthesize(model, layer, channels, size=args.size, steps=args.steps,
+                                        regularizers=regularizers, progress=False)
+            seconds = time.perf_counter() - start
+            mean, peak = layer_values(model, layer, rgb, channels)
+            high = high_frequency_share(rgb)
+            images[(set_name, layer)] = rgb
+            for i, channel in enumerate(channels):
+                results.append({"set": set_name, "layer": layer, "channel": channel, "mean": mean[i].item(),
+                                "max": peak[i].item(), "photo_mean": photo[layer]["mean"][channel].item(),
+                                "photo_max": photo[layer]["max"][channel].item(), "high": high[i].item(),
+                                "seconds": seconds})
+            print(f"{set_name:40s} {layer:12s} mean/photo-best-mean "
+                  f"{[round(r['mean'] / r['photo_mean'], 2) for r in results[-len(channels):]]} "
+                  f"high {[round(h, 3) for h in high.tolist()]} {seconds:.0f}s", flush=True)
+
+    (out / "synthesize_compare.json").write_text(json.dumps({"size": args.size, "steps": args.steps,
+                                                             "channels": chosen, "results": results}, indent=1))
+    print_table(results, layers, [name for name, _ in sets])
+    draw(out / "synthesize_compare.png", images, [name for name, _ in sets], layers, chosen)
+
+
+def print_table(results, layers, set_names):
+    """Markdown: per set and layer, the geometric mean over channels of (synthesized / photos' best)
+    for the map mean and the map maximum, and the high-frequency share."""
+    print("\n| regularizers | " + " | ".join(layers) + " | high-frequency share |")
+    print("|---|" + "---|" * (len(layers) + 1))
+    for name in set_names:
+        cells, highs = [], []
+        for layer in layers:
+            rows = [r for r in results if r["set"] == name and r["layer"] == layer]
+            mean_ratio = torch.tensor([r["mean"] / r["photo_mean"] for r in rows]).log().mean().exp().item()
+            max_ratio = torch.tensor([r["max"] / r["photo_max"] for r in rows]).log().mean().exp().item()
+            cells.append(f"{mean_ratio:.2f} / {max_ratio:.2f}")
+            highs += [r["high"] for r in rows]
+        print(f"| {name} | " + " | ".join(cells) + f" | {sum(highs) / len(highs):.3f} |")
+
+
+def draw(path, images, set_names, layers, chosen):
+    from deconvcuda.analyses.drawing import _figure, _hwc, _save
+
+    columns = [(layer, i) for layer in layers for i in range(len(chosen[layer]))]
+    figure = _figure(1.25 * len(columns) + 1.6, 1.3 * len(set_names) + 0.4)
+    axes = figure.subplots(len(set_names), len(columns), squeeze=False)
+    for row, name in enumerate(set_names):
+        for column, (layer, i) in enumerate(columns):
+            cell = axes[row][column]
+            cell.imshow(_hwc(images[(name, layer)][i]), interpolation="antialiased")
+            cell.set_xticks([])
+            cell.set_yticks([])
+            if row == 0:
+                cell.set_title(f"{layer}\nch {chosen[layer][i]}", fontsize=7)
+            if column == 0:
+                cell.set_ylabel(name.replace(" + ", "\n+ ", 2), fontsize=6)
+    _save(figure, path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
