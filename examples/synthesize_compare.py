@@ -27,6 +27,7 @@ SETS = {
     "fourier": [Fourier()],
     "fourier + jitter + scale + rotate": [Fourier(), Jitter(), Scale(), Rotate()],
     "fourier + transforms + decay + blur": [Fourier(), Jitter(), Scale(), Rotate(), Decay(), Blur()],
+    "fourier + scale + rotate": [Fourier(), Scale(), Rotate()],
 }
 
 
@@ -45,11 +46,11 @@ def photo_statistics(model, layer, images, batch_size=35):
 
 
 def layer_values(model, layer, rgb, channels):
-    """Per image n: channel channels[n]'s map mean and maximum on the synthesized image."""
+    """Per image n: channel channels[n]'s map mean, maximum and centre unit on the synthesized image."""
     with torch.no_grad():
         output = capture(model, model.preprocessing.to_model(rgb), [layer], "layer_values", stop_early=True)[0][layer]
     maps = output[torch.arange(len(channels)), torch.tensor(channels)]
-    return maps.mean((1, 2)), maps.amax((1, 2))
+    return maps.mean((1, 2)), maps.amax((1, 2)), maps[:, maps.shape[1] // 2, maps.shape[2] // 2]
 
 
 def high_frequency_share(rgb):
@@ -70,6 +71,9 @@ def main():
     parser.add_argument("--layers", default="features.8,features.15,features.22,features.29")
     parser.add_argument("--per-layer", type=int, default=2, help="channels per layer")
     parser.add_argument("--sets", default="", help="comma-separated indices into SETS (default all)")
+    parser.add_argument("--objective", default="channel", choices=["channel", "neuron"])
+    parser.add_argument("--sweep", default="", help="comma-separated step counts: the default regularizers' "
+                                                    "activation after each, instead of the comparison")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,44 +99,76 @@ def main():
             picks.append(channel)
         chosen[layer] = picks
 
+    if args.sweep:
+        sweep(model, layers, chosen, photo, args, [int(steps) for steps in args.sweep.split(",")])
+        return
     results, images = [], {}
     for set_name, regularizers in sets:
         for layer in layers:
             channels = chosen[layer]
             start = time.perf_counter()
             rgb = deconvcuda.synthesize(model, layer, channels, size=args.size, steps=args.steps,
-                                        regularizers=regularizers, progress=False)
+                                        regularizers=regularizers, objective=args.objective, progress=False)
             seconds = time.perf_counter() - start
-            mean, peak = layer_values(model, layer, rgb, channels)
+            mean, peak, centre = layer_values(model, layer, rgb, channels)
             high = high_frequency_share(rgb)
             images[(set_name, layer)] = rgb
             for i, channel in enumerate(channels):
                 results.append({"set": set_name, "layer": layer, "channel": channel, "mean": mean[i].item(),
-                                "max": peak[i].item(), "photo_mean": photo[layer]["mean"][channel].item(),
+                                "max": peak[i].item(), "centre": centre[i].item(),
+                                "photo_mean": photo[layer]["mean"][channel].item(),
                                 "photo_max": photo[layer]["max"][channel].item(), "high": high[i].item(),
                                 "seconds": seconds})
             print(f"{set_name:40s} {layer:12s} mean/photo-best-mean "
                   f"{[round(r['mean'] / r['photo_mean'], 2) for r in results[-len(channels):]]} "
                   f"high {[round(h, 3) for h in high.tolist()]} {seconds:.0f}s", flush=True)
 
-    (out / "synthesize_compare.json").write_text(json.dumps({"size": args.size, "steps": args.steps,
-                                                             "channels": chosen, "results": results}, indent=1))
-    print_table(results, layers, [name for name, _ in sets])
-    draw(out / "synthesize_compare.png", images, [name for name, _ in sets], layers, chosen)
+    stem = "synthesize_compare" + ("" if args.objective == "channel" else f"_{args.objective}")
+    (out / f"{stem}.json").write_text(json.dumps({"size": args.size, "steps": args.steps, "objective": args.objective,
+                                                  "channels": chosen, "results": results}, indent=1))
+    print_table(results, layers, [name for name, _ in sets], args.objective)
+    draw(out / f"{stem}.png", images, [name for name, _ in sets], layers, chosen)
 
 
-def print_table(results, layers, set_names):
+def sweep(model, layers, chosen, photo, args, step_counts):
+    """Markdown: per layer and step count, the default regularizers' map mean over the photos' best
+    (geometric mean over the channels) and the seconds the run took."""
+    print("\n| steps | " + " | ".join(layers) + " |")
+    print("|---|" + "---|" * len(layers))
+    for steps in step_counts:
+        cells = []
+        for layer in layers:
+            channels = chosen[layer]
+            start = time.perf_counter()
+            rgb = deconvcuda.synthesize(model, layer, channels, size=args.size, steps=steps, objective=args.objective,
+                                        progress=False)
+            seconds = time.perf_counter() - start
+            mean, _, centre = layer_values(model, layer, rgb, channels)
+            if args.objective == "channel":
+                reached, best = mean, photo[layer]["mean"]
+            else:
+                reached, best = centre, photo[layer]["max"]
+            ratio = (reached.clamp(min=1e-6) / best[channels]).log().mean().exp().item()
+            cells.append(f"{ratio:.1f} ({seconds:.0f} s)")
+        print(f"| {steps} | " + " | ".join(cells) + " |", flush=True)
+
+
+def print_table(results, layers, set_names, objective="channel"):
     """Markdown: per set and layer, the geometric mean over channels of (synthesized / photos' best)
-    for the map mean and the map maximum, and the high-frequency share."""
+    for the map mean and the map maximum ("neuron": the centre unit against the photos' strongest
+    unit anywhere), and the high-frequency share."""
     print("\n| regularizers | " + " | ".join(layers) + " | high-frequency share |")
     print("|---|" + "---|" * (len(layers) + 1))
     for name in set_names:
         cells, highs = [], []
         for layer in layers:
             rows = [r for r in results if r["set"] == name and r["layer"] == layer]
-            mean_ratio = torch.tensor([r["mean"] / r["photo_mean"] for r in rows]).log().mean().exp().item()
-            max_ratio = torch.tensor([r["max"] / r["photo_max"] for r in rows]).log().mean().exp().item()
-            cells.append(f"{mean_ratio:.2f} / {max_ratio:.2f}")
+            def ratio(key, photo_key):
+                return torch.tensor([max(r[key], 1e-6) / r[photo_key] for r in rows]).log().mean().exp().item()
+            if objective == "channel":
+                cells.append(f"{ratio('mean', 'photo_mean'):.1f} / {ratio('max', 'photo_max'):.1f}")
+            else:
+                cells.append(f"{ratio('centre', 'photo_max'):.2f}")
             highs += [r["high"] for r in rows]
         print(f"| {name} | " + " | ".join(cells) + f" | {sum(highs) / len(highs):.3f} |")
 

@@ -170,6 +170,15 @@ def test_models_fx_cannot_trace_and_reused_modules():
         quick(model, "relu", [0])
 
 
+def test_torchvision_graph_model():
+    model = deconvcuda.models.build("resnet18")               # residual additions, one ReLU module per block reused
+    images = quick(model, "layer2", [5, 100], steps=6)
+    start = quick(model, "layer2", [5, 100], steps=1)
+    preprocess = model.preprocessing.to_model
+    after = map_of(model, "layer2", images, [5, 100], preprocess).mean((1, 2))
+    assert (after > map_of(model, "layer2", start, [5, 100], preprocess).mean((1, 2))).all()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_runs_on_the_models_device(device):
     model = small_cnn().to(device)

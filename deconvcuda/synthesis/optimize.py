@@ -242,13 +242,13 @@ def synthesize(model: nn.Module, layer, channels, *, size: int = 224, steps: int
         optimizer.step()
         if plan.steps:
             with torch.no_grad():
-                z_gradient = gradients[-1]
+                z_gradient = gradients[-1] if plan.needs_gradient else None
                 z = parameterization.image(parameters, (size, size)).clone()
                 for operator in plan.steps:
                     operator.apply(z, z_gradient, step)
                 parameters.copy_(parameterization.parameters_of(z))
-        if progress and (step % 16 == 0 or step == steps - 1):
-            bar.set_postfix(objective=f"{values.mean().item():.3g}")
+        if progress:
+            bar.set_postfix(objective=f"{values.mean().item():.3g}", refresh=False)
     bar.close()
     with torch.no_grad():
         return torch.sigmoid(parameterization.image(parameters, (size, size))).detach()
