@@ -2,8 +2,8 @@
 for an image still gets a direction to come on.
 
 A channel whose map is zero on the start image (a ReLU's output, off everywhere) has a zero gradient,
-and plain gradient ascent never moves it: on the embedded VGG16 that is a quarter to a half of the
-channels, more for the centre unit. Inside :func:`redirected_relus`, every ReLU the forward calls (in
+and plain gradient ascent never moves it: on the embedded VGG16 that is 27 to 57 % of a layer's
+channels (conv3_3 to conv5_3, 128 px), and most centre units. Inside :func:`redirected_relus`, every ReLU the forward calls (in
 any form: ``nn.ReLU``, ``F.relu``, ``torch.relu``, ``Tensor.relu``, in place or not) computes its usual
 output, and its backward is the usual gradient ``g * [x > 0]`` except for an image whose gradient
 through that ReLU is zero everywhere: that image gets ``g`` where ``x > 0`` and ``max(g, 0)`` where

@@ -40,12 +40,12 @@ __all__ = ["Regularizer", "Parameterization", "Transform", "StepOperator", "Pixe
 
 
 def _check_number(owner: str, argument: str, value, *, low: float, high: float = math.inf,
-                  low_open: bool = False, integer: bool = False) -> float:
-    """``value`` as a number in [low, high] ((low, high] where ``low_open``); a ValueError naming
-    ``owner`` and ``argument`` otherwise."""
+                  integer: bool = False) -> float:
+    """``value`` as a number (an int where ``integer``) in [low, high]; a ValueError naming ``owner``
+    and ``argument`` otherwise."""
     ok_type = is_int(value) if integer else isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not ok_type or not (value > low if low_open else value >= low) or value > high:
-        bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+    if not ok_type or not low <= value <= high:
+        bound = f">= {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
         kind = "an int" if integer else "a number"
         raise ValueError(f"{owner}: {argument} must be {kind} {bound}, got {value!r}")
     return int(value) if integer else float(value)
@@ -56,10 +56,8 @@ class Regularizer:
 
     #: The name users pass (``regularizers=["blur"]``).
     name: ClassVar[str]
-    #: One line on what it does and why: the docs' and the README's text.
+    #: One line on what it does and why (for help texts and listings).
     description: ClassVar[str]
-    #: "parameterization", "transform" or "step".
-    role: ClassVar[str]
 
     def _settings(self) -> Dict[str, object]:
         return {key: value for key, value in vars(self).items() if not key.startswith("_")}
@@ -70,8 +68,6 @@ class Regularizer:
 
 class Parameterization(Regularizer):
     """How the optimised tensor becomes the centred image z (RGB = sigmoid(z)), and back."""
-
-    role = "parameterization"
 
     def init(self, shape: Tuple[int, int, int, int], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
         """The tensor to optimise for images of ``shape`` [N, 3, H, W], drawn on the CPU from ``generator``."""
@@ -89,8 +85,6 @@ class Parameterization(Regularizer):
 class Transform(Regularizer):
     """A random, differentiable change of the RGB image before the forward; the size stays."""
 
-    role = "transform"
-
     def __call__(self, rgb: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
@@ -98,7 +92,6 @@ class Transform(Regularizer):
 class StepOperator(Regularizer):
     """Acts on the centred image z after every gradient step (in place, without autograd)."""
 
-    role = "step"
     #: Whether ``apply`` needs the objective's gradient with respect to z.
     needs_gradient: ClassVar[bool] = False
 
@@ -209,9 +202,10 @@ _FOURIER_IMAGE_SCALE = 4.0
 class Fourier(Parameterization):
     name = "fourier"
     description = ("the image's 2-D Fourier spectrum, each frequency scaled by 1/frequency^decay_power, with the "
-                   "colours decorrelated (ImageNet's colour covariance): every step moves all frequencies equally "
-                   "far, so low frequencies are no longer drowned by the many high ones and the image stays smooth "
-                   "and natural in colour (Olah et al. 2017)")
+                   "colours decorrelated (ImageNet's colour covariance): a step moves low frequencies more than "
+                   "high ones, as natural images vary, and the colours together, so the image stays smooth and "
+                   "natural in colour instead of filling with the high frequencies the gradient favours "
+                   "(Olah et al. 2017)")
 
     def __init__(self, decay_power: float = 1.0, decorrelate: bool = True, sd: float = 0.01):
         #: Frequency f's coefficient is scaled by 1 / max(f, 1 / max(H, W)) ** decay_power.
