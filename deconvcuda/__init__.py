@@ -17,7 +17,8 @@ from .figures import visualize
 from .analyses import evolution, invariance, occlusion
 from .classviews import gradcam, guided_gradcam
 from .sanity import SanityCheck, sanity_check
+from .synthesis import synthesize
 
 __all__ = ["ops", "reference", "project", "describe", "layers", "LayerInfo", "top_activations", "TopActivations", "receptive_field",
            "ReceptiveField", "crop_patches", "visualize", "models", "data", "occlusion", "invariance", "evolution",
-           "gradcam", "guided_gradcam", "sanity_check", "SanityCheck", "__version__"]
+           "gradcam", "guided_gradcam", "sanity_check", "SanityCheck", "synthesize", "__version__"]

@@ -19,7 +19,7 @@ from torch import nn
 from .capture import capture
 from .rules import Rule
 
-__all__ = ["RuleMode", "FallbackWarning", "ROWS_PER_CHUNK", "warn"]
+__all__ = ["RectifierMode", "RuleMode", "FallbackWarning", "ROWS_PER_CHUNK", "warn"]
 
 #: Projections (forward rows) per autograd pass: bounds the memory autograd keeps for the backward.
 ROWS_PER_CHUNK = 32
@@ -81,7 +81,36 @@ def _argument(args, kwargs, index: int, name: str, default):
     return args[index] if len(args) > index else kwargs.get(name, default)
 
 
-class RuleMode(torch.overrides.TorchFunctionMode):
+class RectifierMode(torch.overrides.TorchFunctionMode):
+    """Catches every rectifier a forward can call, in every form (``nn.ReLU`` calls ``F.relu``,
+    ``nn.ReLU6`` ``F.hardtanh``; methods come as ``Tensor.relu`` and ``Tensor.relu_``; in place or not;
+    ``hardtanh(0, 6)`` is ReLU6) and computes it with ``rectify(x, top, inplace)`` (top: inf for ReLU,
+    6 for ReLU6); every other call runs as it is. Subclasses say what the rectifier's backward is."""
+
+    def rectify(self, x: torch.Tensor, top: float, inplace: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RELUS:
+            x = _argument(args, kwargs, 0, "input", None)
+            return self.rectify(x, float("inf"), _RELUS[func] or bool(_argument(args, kwargs, 1, "inplace", False)))
+        if func is F.relu6:
+            x = _argument(args, kwargs, 0, "input", None)
+            return self.rectify(x, 6.0, bool(_argument(args, kwargs, 1, "inplace", False)))
+        if func in _HARDTANHS:
+            bounds = (_argument(args, kwargs, 1, "min_val", -1.0), _argument(args, kwargs, 2, "max_val", 1.0))
+            if tuple(bounds) == (0.0, 6.0):
+                x = _argument(args, kwargs, 0, "input", None)
+                return self.rectify(x, 6.0, _HARDTANHS[func] or bool(_argument(args, kwargs, 3, "inplace", False)))
+        return self.other(func, args, kwargs)
+
+    def other(self, func, args, kwargs):
+        """Any call that is not a rectifier: as it is."""
+        return func(*args, **kwargs)
+
+
+class RuleMode(RectifierMode):
     """Runs every rectifier with the rule's backward (and LocalResponseNorm with the identity backward
     where ``lrn="identity"``); every other call as it is."""
 
@@ -89,21 +118,10 @@ class RuleMode(torch.overrides.TorchFunctionMode):
         super().__init__()
         self.rule, self.lrn = rule, lrn
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _RELUS:
-            x = _argument(args, kwargs, 0, "input", None)
-            inplace = _RELUS[func] or bool(_argument(args, kwargs, 1, "inplace", False))
-            return _Rectifier.apply(x, float("inf"), self.rule, inplace)
-        if func is F.relu6:
-            x = _argument(args, kwargs, 0, "input", None)
-            return _Rectifier.apply(x, 6.0, self.rule, bool(_argument(args, kwargs, 1, "inplace", False)))
-        if func in _HARDTANHS:
-            bounds = (_argument(args, kwargs, 1, "min_val", -1.0), _argument(args, kwargs, 2, "max_val", 1.0))
-            if tuple(bounds) == (0.0, 6.0):
-                x = _argument(args, kwargs, 0, "input", None)
-                inplace = _HARDTANHS[func] or bool(_argument(args, kwargs, 3, "inplace", False))
-                return _Rectifier.apply(x, 6.0, self.rule, inplace)
+    def rectify(self, x, top, inplace):
+        return _Rectifier.apply(x, top, self.rule, inplace)
+
+    def other(self, func, args, kwargs):
         if func is F.local_response_norm and self.lrn == "identity":
             x = _argument(args, kwargs, 0, "input", None)
             return _IdentityBackward.apply(x, func(*args, **kwargs).detach())

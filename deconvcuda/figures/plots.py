@@ -11,6 +11,7 @@ Images come in as ``[3, H, W]`` RGB floats in [0, 1] (``Preprocessing.to_display
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Tuple, Union
@@ -18,13 +19,14 @@ from typing import Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-__all__ = ["occlusion_figure", "invariance_figure", "evolution_figure", "draw_evolution", "sanity_figure"]
+__all__ = ["occlusion_figure", "invariance_figure", "evolution_figure", "draw_evolution", "sanity_figure",
+           "synthesis_figure", "new_figure", "hwc", "save_figure"]
 
 PathLike = Union[str, os.PathLike]
 DPI = 100
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     try:
         from matplotlib.figure import Figure
     except ModuleNotFoundError:
@@ -33,14 +35,14 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
-def _save(figure, path: PathLike) -> Path:
+def save_figure(figure, path: PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=DPI)
     return path
 
 
-def _hwc(image: torch.Tensor) -> np.ndarray:
+def hwc(image: torch.Tensor) -> np.ndarray:
     """[3, H, W] (or [1, H, W]) floats in [0, 1] -> [H, W, 3] numpy."""
     image = image.detach().to("cpu", torch.float32).clamp(0.0, 1.0)
     if image.dim() != 3:
@@ -88,10 +90,10 @@ def occlusion_figure(path: PathLike, image: torch.Tensor, values: torch.Tensor, 
     from matplotlib.patches import Rectangle
 
     window, stride = _pair(window), _pair(stride)
-    picture = _hwc(image)
+    picture = hwc(image)
     height, width = picture.shape[:2]
     panels = 2 + (projection is not None) + (probabilities is not None) + (classes is not None)
-    figure = _figure(3.2 * panels, 3.4)
+    figure = new_figure(3.2 * panels, 3.4)
     axes = figure.subplots(1, panels, squeeze=False)[0]
     if title:
         figure.suptitle(title, fontsize=10)
@@ -111,7 +113,7 @@ def occlusion_figure(path: PathLike, image: torch.Tensor, values: torch.Tensor, 
               f"(b) {what}: activation", "viridis", "activation with the square there")
     panel = 2
     if projection is not None:
-        axes[panel].imshow(_hwc(projection), interpolation="nearest")
+        axes[panel].imshow(hwc(projection), interpolation="nearest")
         axes[panel].set_title("(c) its strongest activation, projected", fontsize=9)
         axes[panel].set_axis_off()
         panel += 1
@@ -133,7 +135,7 @@ def occlusion_figure(path: PathLike, image: torch.Tensor, values: torch.Tensor, 
         bar.set_ticks(range(len(distinct)))
         bar.set_ticklabels([class_names[int(c)] if class_names is not None else str(int(c)) for c in distinct],
                            fontsize=6)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def invariance_figure(path: PathLike, transform: str, amounts: Sequence[float],
@@ -143,7 +145,7 @@ def invariance_figure(path: PathLike, transform: str, amounts: Sequence[float],
     classifier each image's true-class probability. distances: ``{layer: [N, len(amounts)]}``."""
     units = {"translate": "vertical shift (pixels)", "scale": "scale factor", "rotate": "rotation (degrees)"}
     panels = len(distances) + (probabilities is not None)
-    figure = _figure(3.4 * panels, 3.0)
+    figure = new_figure(3.4 * panels, 3.0)
     axes = figure.subplots(1, panels, squeeze=False)[0]
     amounts = [float(a) for a in amounts]
     curves = list(distances.items()) + ([("", probabilities)] if probabilities is not None else [])
@@ -161,18 +163,18 @@ def invariance_figure(path: PathLike, transform: str, amounts: Sequence[float],
     if curves and len(curves[0][1]) <= 12:
         axes[0].legend(fontsize=6)
     figure.suptitle(f"invariance to {transform}", fontsize=10)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def evolution_figure(path: PathLike, cells: torch.Tensor, checkpoint_labels: Sequence[str],
                      channel_labels: Sequence[str], title: str = "") -> Path:
     """Fig. 4: rows of feature maps, columns of checkpoints; cells ``[T, K, 3, h, w]`` RGB in [0, 1]."""
     steps, rows = cells.shape[:2]
-    figure = _figure(1.3 * steps + 1.2, 1.3 * rows + 0.6)
+    figure = new_figure(1.3 * steps + 1.2, 1.3 * rows + 0.6)
     axes = figure.subplots(rows, steps, squeeze=False)
     for row in range(rows):
         for step in range(steps):
-            axes[row][step].imshow(_hwc(cells[step, row]), interpolation="nearest")
+            axes[row][step].imshow(hwc(cells[step, row]), interpolation="nearest")
             axes[row][step].set_xticks([])
             axes[row][step].set_yticks([])
             if row == 0:
@@ -181,7 +183,7 @@ def evolution_figure(path: PathLike, cells: torch.Tensor, checkpoint_labels: Seq
                 axes[row][step].set_ylabel(channel_labels[row], fontsize=8)
     if title:
         figure.suptitle(title, fontsize=10)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def draw_evolution(path, cells: torch.Tensor, channel_order: str, checkpoint_labels, channel_labels, title: str):
@@ -240,16 +242,16 @@ def sanity_figure(path: PathLike, table, *, channel_order: str = "RGB",
                                                                                     *table.projections.shape[-2:])
     first = image is not None
     columns = steps + first
-    figure = _figure(SANITY_CELL_INCHES * columns + 0.6, SANITY_CELL_INCHES * rules + 0.9)
+    figure = new_figure(SANITY_CELL_INCHES * columns + 0.6, SANITY_CELL_INCHES * rules + 0.9)
     axes = figure.subplots(rules, columns, squeeze=False)
     for row, rule in enumerate(table.rules):
         if first:
-            axes[row][0].imshow(_hwc(image), interpolation="nearest")
+            axes[row][0].imshow(hwc(image), interpolation="nearest")
             if row == 0:
                 axes[row][0].set_title("image", fontsize=8)
         for step in range(steps):
             cell = axes[row][step + first]
-            cell.imshow(_hwc(cells[row, step]), interpolation="nearest")
+            cell.imshow(hwc(cells[row, step]), interpolation="nearest")
             if row == 0:
                 cell.set_title("original" if step == 0 else table.layers[step - 1], fontsize=8)
             cell.set_xlabel(f"ρ {float(table.spearman[row, step]):.2f}  SSIM {float(table.ssim[row, step]):.2f}",
@@ -262,4 +264,41 @@ def sanity_figure(path: PathLike, table, *, channel_order: str = "RGB",
     figure.suptitle(title or (f"cascading randomization down to the input: each column re-initialises one more layer; "
                               f"{table.layer} channel {neuron[1]} at ({neuron[2]}, {neuron[3]}) of the first image, "
                               f"projected; ρ, SSIM: means over {table.neurons.shape[0]} images"), fontsize=9)
-    return _save(figure, path)
+    return save_figure(figure, path)
+
+
+def synthesis_figure(path: PathLike, images: torch.Tensor, labels: Optional[Sequence[str]] = None, *,
+                     values: Optional[torch.Tensor] = None, title: str = "", columns: Optional[int] = None,
+                     cell_inches: float = 1.6) -> Path:
+    """Writes ``images`` ([N, 3, H, W] RGB in [0, 1], e.g. from ``synthesize``) as a grid to ``path``
+    (PNG) and returns the path. labels: one per image (default "0", "1", ...); values: one number per
+    image (the activation reached), written under its label. columns: default ceil(sqrt(N)), at most 8."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"synthesis_figure: images must be a tensor [N, 3, H, W] with N > 0, got "
+                         f"{list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    count = images.shape[0]
+    labels = [str(i) for i in range(count)] if labels is None else [str(label) for label in labels]
+    if len(labels) != count:
+        raise ValueError(f"synthesis_figure: labels must hold one label per image ({count}), got {len(labels)}")
+    if values is not None:
+        values = torch.as_tensor(values).detach().to("cpu", torch.float64).flatten()
+        if values.numel() != count:
+            raise ValueError(f"synthesis_figure: values must hold one number per image ({count}), got {values.numel()}")
+    if columns is None:
+        columns = min(8, math.ceil(math.sqrt(count)))
+    if not isinstance(columns, int) or columns < 1:
+        raise ValueError(f"synthesis_figure: columns must be a positive int, got {columns!r}")
+    rows = math.ceil(count / columns)
+    figure = new_figure(cell_inches * columns, (cell_inches + 0.3) * rows + (0.3 if title else 0.0))
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for i in range(rows * columns):
+        cell = axes[i // columns][i % columns]
+        cell.set_axis_off()
+        if i >= count:
+            continue
+        cell.imshow(hwc(images[i]), interpolation="antialiased")
+        text = labels[i] if values is None else f"{labels[i]}\n{values[i].item():.3g}"
+        cell.set_title(text, fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    return save_figure(figure, path)
