@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 __all__ = ["OutOfRangeError", "DtypeError", "ArgumentError", "is_int", "check_images", "check_input_shape",
-           "resolve_layer", "check_channel_per_image"]
+           "resolve_layer", "check_channel_per_image", "as_list"]
 
 
 class OutOfRangeError(IndexError, ValueError):
@@ -107,3 +107,20 @@ def check_channel_per_image(channel, n_images: int, n_channels: int, flat: bool,
         raise OutOfRangeError(f"{caller}: {what} {int(bad[0])} is out of range; the layer has {n_channels} "
                          f"{what}s (0..{n_channels - 1})")
     return channel
+
+
+def as_list(value, single, name: str, expected: str, caller: str, *, allow_empty: bool = False) -> list:
+    """``value`` as a list: one ``single`` (a type or a tuple of types) becomes ``[value]``, a tensor
+    its items. Anything else that is not iterable is an ArgumentError ("{caller}: {name} must be
+    {expected}, got ..."); an empty list a ValueError, unless ``allow_empty``."""
+    if isinstance(value, single):
+        return [value]
+    if isinstance(value, torch.Tensor):
+        value = value.flatten().tolist()
+    try:
+        value = list(value)
+    except TypeError:
+        raise ArgumentError(f"{caller}: {name} must be {expected}, got {type(value).__name__}") from None
+    if not value and not allow_empty:
+        raise ValueError(f"{caller}: {name} is empty; pass at least one")
+    return value

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import fallback, rules
-from .checks import DtypeError, OutOfRangeError, check_images, is_int
+from .checks import DtypeError, OutOfRangeError, check_images, is_int, resolve_layer
 from .graph import Graph, Node, Untraceable, trace
 from .kinds import LRN_MODES, At, Keeper, Unrepresentable, is_shape
 from .kinds.base import numel
@@ -551,8 +551,6 @@ def _project_by_autograd(model: nn.Module, images: torch.Tensor, layer, channel,
                          rule: rules.Rule, seed: str, lrn: str, caller: str) -> torch.Tensor:
     """``project`` for models the graph cannot hold: the model itself under deconvcuda.fallback's
     rule mode, one forward row per projection, chunk by chunk."""
-    from .graph import resolve_layer
-
     layer = resolve_layer(model, layer, caller)
     target_shape = fallback.output_shape(model, images, layer, caller) if images.shape[0] else None
     if target_shape is None:

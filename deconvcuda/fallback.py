@@ -19,7 +19,7 @@ from torch import nn
 from .capture import capture
 from .rules import Rule
 
-__all__ = ["RectifierMode", "RuleMode", "FallbackWarning", "ROWS_PER_CHUNK", "warn"]
+__all__ = ["RectifierMode", "RuleMode", "StraightThrough", "FallbackWarning", "ROWS_PER_CHUNK", "warn"]
 
 #: Projections (forward rows) per autograd pass: bounds the memory autograd keeps for the backward.
 ROWS_PER_CHUNK = 32
@@ -60,8 +60,9 @@ class _Rectifier(torch.autograd.Function):
         return ctx.rule.rectifier(g, passed if ctx.rule.masked else None), None, None, None
 
 
-class _IdentityBackward(torch.autograd.Function):
-    """The forward's value, the identity backward: LocalResponseNorm with lrn="identity"."""
+class StraightThrough(torch.autograd.Function):
+    """``apply(x, value)``: the forward's ``value``, the identity backward to ``x`` (LocalResponseNorm
+    with lrn="identity"; a rectifier whose masks must not cut a path, for receptive fields)."""
 
     @staticmethod
     def forward(ctx, x, value):
@@ -124,7 +125,7 @@ class RuleMode(RectifierMode):
     def other(self, func, args, kwargs):
         if func is F.local_response_norm and self.lrn == "identity":
             x = _argument(args, kwargs, 0, "input", None)
-            return _IdentityBackward.apply(x, func(*args, **kwargs).detach())
+            return StraightThrough.apply(x, func(*args, **kwargs).detach())
         return func(*args, **kwargs)
 
 

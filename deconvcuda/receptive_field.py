@@ -24,6 +24,8 @@ from torch import nn
 
 from .capture import capture
 from .checks import resolve_layer
+from .fallback import RectifierMode, StraightThrough
+from .geometry import pair
 from .graph import Graph, Node, Untraceable, trace
 from .kinds import Unrepresentable
 from .windows import Windows
@@ -121,18 +123,6 @@ def receptive_field(model: nn.Module, layer, input_size: Optional[Sequence[int]]
                           offset=(top0, left0))
 
 
-class _StraightThrough(torch.autograd.Function):
-    """A rectifier's forward, the identity backward: a path's reach does not depend on its masks."""
-
-    @staticmethod
-    def forward(ctx, x, value):
-        return value
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
 class _SpreadMaxPool(torch.autograd.Function):
     """A max pool's forward; backward, every pooled value to its whole window (the field, not the switch)."""
 
@@ -154,21 +144,18 @@ class _SpreadMaxPool(torch.autograd.Function):
         return out, None, None, None, None, None
 
 
-class _FieldMode(torch.overrides.TorchFunctionMode):
+class _FieldMode(RectifierMode):
     """Every rectifier passes gradients straight through and every max pool spreads them over its
     windows, so an input pixel's gradient is non-zero wherever the activation can see it."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def rectify(self, x, top, inplace):
+        with torch.no_grad():  # the value on a copy: an in-place form must not change x under autograd
+            value = x.detach().clamp(0, top) if top != float("inf") else x.detach().clamp(min=0)
+        return StraightThrough.apply(x, value)
+
+    def other(self, func, args, kwargs):
         import torch.nn.functional as F
 
-        from .geometry import pair
-
-        kwargs = kwargs or {}
-        if func in (F.relu, torch.relu, torch.Tensor.relu, F.relu6, F.hardtanh):
-            x = args[0] if args else kwargs.pop("input")
-            with torch.no_grad():  # on a copy: an in-place form must not change x
-                value = func(x.detach().clone(), *args[1:], **kwargs)
-            return _StraightThrough.apply(x, value)
         if func is F.max_pool2d:
             x = args[0] if args else kwargs["input"]
             names = ("kernel_size", "stride", "padding", "dilation")

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from . import rules as rule_registry
 from .capture import evaluating
-from .checks import ArgumentError, check_channel_per_image, check_images, is_int, resolve_layer
+from .checks import ArgumentError, as_list, check_channel_per_image, check_images, is_int, resolve_layer
 from .receptive_field import receptive_field
 from .similarity import SSIM_WINDOW, saliency_maps, spearman, ssim
 
@@ -148,16 +148,8 @@ def randomize(module: nn.Module, generator_seed: int) -> None:
 
 
 def _check_rules(rules, caller: str) -> List[str]:
-    if isinstance(rules, (str, rule_registry.Rule)):
-        rules = [rules]
-    try:
-        rules = list(rules)
-    except TypeError:
-        raise ArgumentError(f"{caller}: rules must be a rule name or a sequence of them "
-                            f"({', '.join(map(repr, rule_registry.names()))}), got {type(rules).__name__}") from None
-    if not rules:
-        raise ValueError(f"{caller}: rules is empty; pass at least one of "
-                         f"{', '.join(map(repr, rule_registry.names()))}")
+    names = ", ".join(map(repr, rule_registry.names()))
+    rules = as_list(rules, (str, rule_registry.Rule), "rules", f"a rule name or a sequence of them ({names})", caller)
     names = [rule_registry.get(rule, caller, "rules").name for rule in rules]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:

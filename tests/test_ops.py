@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import subprocess
 import sys
-from typing import Optional, Tuple
+from typing import Tuple
 
 import pytest
 import torch

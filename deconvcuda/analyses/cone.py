@@ -18,7 +18,6 @@ means), it runs on whole maps instead; so does everything after it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch

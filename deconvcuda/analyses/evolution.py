@@ -16,7 +16,7 @@ from typing import List, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..checks import OutOfRangeError
+from ..checks import OutOfRangeError, as_list
 from ..progress import track
 from ..weights import check_fits, read_state_dict
 
@@ -46,9 +46,8 @@ def read_checkpoints(model: nn.Module, checkpoints, caller: str = "evolution") -
 
 
 def _check_channels(channels, caller: str) -> List[int]:
-    from .outputs import as_list
 
-    channels = as_list(channels, int, "channels (an int or a list of ints)", caller)
+    channels = as_list(channels, int, "channels", "an int or a list of ints", caller)
     for channel in channels:
         if isinstance(channel, bool) or not isinstance(channel, int) or channel < 0:
             raise ValueError(f"{caller}: channels must be non-negative ints, got {channel!r}")

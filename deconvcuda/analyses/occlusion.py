@@ -13,7 +13,7 @@ unoccluded activations (see :mod:`deconvcuda.analyses.cone`), batched over posit
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 from torch import nn

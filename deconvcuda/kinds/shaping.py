@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Kind, is_shape, linear_vjp, numel, register
+from .base import Kind, is_shape, linear_vjp, register
 from .general import General, per_image_shape
 
 __all__ = ["Reshape", "Permute", "Cat", "LinearCall", "Pad", "Interpolate", "Split"]

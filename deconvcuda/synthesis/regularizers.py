@@ -32,7 +32,7 @@ from typing import ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 import torch
 import torch.nn.functional as F
 
-from ..checks import ArgumentError, is_int
+from ..checks import ArgumentError, as_list, is_int
 
 __all__ = ["Regularizer", "Parameterization", "Transform", "StepOperator", "Pixel", "Fourier", "Jitter", "Scale",
            "Rotate", "Decay", "Blur", "NormClip", "ContributionClip", "REGULARIZERS", "DEFAULT", "register", "get",
@@ -150,13 +150,8 @@ def plan(regularizers, caller: str, *, default: Sequence[Regularizer] = (), argu
     on the pixels; None for ``default``) as a :class:`Plan`. Two parameterizations are an error."""
     if regularizers is None:
         regularizers = default
-    if isinstance(regularizers, (str, Regularizer)):
-        regularizers = [regularizers]
-    try:
-        items = list(regularizers)
-    except TypeError:
-        raise ArgumentError(f"{caller}: {argument} must be a regularizer name, a Regularizer, or a list of them, "
-                            f"got {type(regularizers).__name__}") from None
+    items = as_list(regularizers, (str, Regularizer), argument, "a regularizer name, a Regularizer, or a list of them",
+                    caller, allow_empty=True)
     items = [get(item, caller, argument) for item in items]
     parameterizations = [item for item in items if isinstance(item, Parameterization)]
     if len(parameterizations) > 1:
