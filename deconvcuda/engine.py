@@ -508,6 +508,7 @@ def _reverse(program: List[_Unit], graph: Graph, output: torch.Tensor, selection
         if graph.input not in grads:  # nothing reached the images (every path was cut)
             continue
         g, windows = grads.pop(graph.input)
+        g = g.contiguous()  # as the result is laid out: adding or copying it is then a copy of rows
         if windows is None:
             result.index_copy_(0, order[start:stop], g)
         else:

@@ -90,8 +90,8 @@ class Conv(Kind):
 
     def reverse(self, g, at):
         weight = self.cast(self.weight, g)
-        if g.device.type == "cpu":  # oneDNN's transposed convolutions run two to four times faster so
-            g = g.contiguous(memory_format=torch.channels_last)
+        if at.windows is None and g.device.type == "cpu":  # oneDNN's transposed convolutions of whole maps
+            g = g.contiguous(memory_format=torch.channels_last)  # run two to four times faster so
         if at.windows is None:
             return [at.kernels.deconv2d(g, weight, self.stride, self.padding, self.dilation, self.groups,
                                         at.in_shapes[0][1:])]
