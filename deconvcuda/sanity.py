@@ -2,7 +2,7 @@
 does the projection depend on the model's weights at all?
 
     table = deconvcuda.sanity_check(model, images, "features.28")
-    table.layers        # ["features.28", "features.26", ..., "features.0"]: randomized top down
+    table.layers        # ("features.28", "features.26", ..., "features.0"): randomized top down
     table.spearman      # [rules, steps + 1]: step 0 the original model (1.0), step k layers[:k] randomized
     table.ssim          # the same for SSIM
 
@@ -49,9 +49,9 @@ class SanityCheck:
     #: The layer whose activations are projected.
     layer: str
     #: The randomized layers, in the order they were randomized (top first).
-    layers: List[str]
+    layers: Tuple[str, ...]
     #: The rules, one row each.
-    rules: List[str]
+    rules: Tuple[str, ...]
     #: ``[rules, steps + 1]``: mean over the images of the Spearman rank correlation between the
     #: original and the randomized projection (Adebayo's absolute-value maps).
     spearman: torch.Tensor
@@ -121,13 +121,13 @@ def _run_to_layer(model: nn.Module, images: torch.Tensor, layer: str, caller: st
     return finished, output
 
 
-def randomizable_layers(model: nn.Module, images: torch.Tensor, layer) -> List[str]:
+def randomizable_layers(model: nn.Module, images: torch.Tensor, layer) -> Tuple[str, ...]:
     """The layers :func:`sanity_check` randomizes for ``layer``, in its order (top of the path first):
     the modules with their own parameters that the forward of ``images`` runs up to ``layer``'s output."""
     caller = "randomizable_layers"
     check_images(images, caller, allow_empty=False)
     finished, _ = _run_to_layer(model, images, resolve_layer(model, layer, caller), caller)
-    return finished[::-1]
+    return tuple(finished[::-1])
 
 
 def randomize(module: nn.Module, generator_seed: int) -> None:
@@ -147,7 +147,7 @@ def randomize(module: nn.Module, generator_seed: int) -> None:
             parameter.copy_(parameter.flatten()[order].view_as(parameter))
 
 
-def _check_rules(rules, caller: str) -> List[str]:
+def _check_rules(rules, caller: str) -> Tuple[str, ...]:
     if isinstance(rules, (str, rule_registry.Rule)):
         rules = [rules]
     try:
@@ -158,7 +158,7 @@ def _check_rules(rules, caller: str) -> List[str]:
     if not rules:
         raise ValueError(f"{caller}: rules is empty; pass at least one of "
                          f"{', '.join(map(repr, rule_registry.names()))}")
-    names = [rule_registry.get(rule, caller, "rules").name for rule in rules]
+    names = tuple(rule_registry.get(rule, caller, "rules").name for rule in rules)
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ValueError(f"{caller}: rules names {', '.join(map(repr, repeated))} more than once; name each rule once")
@@ -259,7 +259,7 @@ def sanity_check(model: nn.Module, images: torch.Tensor, layer, *,
     neurons = _neurons(output, channel, caller)
     regions = _regions(model, layer, neurons, output.dim() == 4, images.shape[-2:])
     del output
-    layers = finished[::-1]
+    layers = tuple(finished[::-1])
     if not layers:
         raise ValueError(f"{caller}: no layer with weights runs before layer {layer!r}, so there is nothing to "
                          f"randomize; name a layer after a convolution or a linear layer")

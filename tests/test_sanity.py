@@ -37,8 +37,8 @@ def table():
 
 def test_the_table(table):
     _, result = table
-    assert result.layers == ["6", "4", "1", "0"]  # every layer with weights, from the top down; BatchNorm too
-    assert result.rules == ["deconvnet", "guided", "gradient"]
+    assert result.layers == ("6", "4", "1", "0")  # every layer with weights, from the top down; BatchNorm too
+    assert result.rules == ("deconvnet", "guided", "gradient")
     assert result.spearman.shape == result.ssim.shape == (3, 5)
     assert result.spearman_per_image.shape == result.ssim_per_image.shape == (3, 5, 3)
     assert torch.equal(result.spearman[:, 0], torch.ones(3, dtype=torch.float64))
@@ -127,7 +127,7 @@ def test_the_gradient_decorrelates_and_guided_backpropagation_less():
                           nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Conv2d(32, 32, 3, padding=1)).double().eval()
     result = deconvcuda.sanity_check(model, photos(size=32, count=2), "6", rules=["guided", "gradient"], seed=1)
-    assert result.layers == ["6", "3", "0"]
+    assert result.layers == ("6", "3", "0")
     guided, gradient = result.spearman[:, -1]
     assert gradient < 0.8 and gradient < guided
 
@@ -166,7 +166,7 @@ def test_a_chosen_channel_and_a_flat_output():
         assert channel == [3, 7][image] and output[image, channel, y, x_] == output[image, channel].max()
     classifier = nn.Sequential(small_net(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).double().eval()
     flat = deconvcuda.sanity_check(classifier, x, "", rules=["gradient"], channel=2)
-    assert flat.layers == ["3", "0.6", "0.4", "0.1", "0.0"]
+    assert flat.layers == ("3", "0.6", "0.4", "0.1", "0.0")
     assert flat.neurons.tolist() == [[0, 2, 0, 0], [1, 2, 0, 0]]
 
 
@@ -210,7 +210,7 @@ def test_bad_input_is_a_clear_error():
         deconvcuda.sanity_check(unused, x, "pool")
     with pytest.raises(ValueError, match="sanity_check: .*'spare'"):
         deconvcuda.sanity_check(unused, x, "spare")
-    assert randomizable_layers(unused, x, "conv") == ["conv"]
+    assert randomizable_layers(unused, x, "conv") == ("conv",)
 
 
 def test_the_figure(table, tmp_path):
