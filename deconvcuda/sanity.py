@@ -30,11 +30,11 @@ from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import rules as rule_registry
 from .capture import evaluating
 from .checks import ArgumentError, check_channel_per_image, check_images, is_int, resolve_layer
+from .progress import track
 from .receptive_field import receptive_field
 from .similarity import SSIM_WINDOW, saliency_maps, spearman, ssim
 
@@ -236,7 +236,7 @@ def sanity_check(model: nn.Module, images: torch.Tensor, layer, *,
     on the original model), an int or a LongTensor ``[N]`` (per image, that map's largest activation on
     the original model); a flat layer's unit, a token layer's feature. The same activations, seeded
     with 1, are projected at every step. seed: seeds the re-initialisation (the same seed gives the
-    same table). progress: a tqdm bar over the randomization steps.
+    same table). progress: progress on stderr over the randomization steps (:mod:`deconvcuda.progress`).
 
     Returns a :class:`SanityCheck`: ``layers`` (randomized, top first), ``rules``, and ``spearman`` and
     ``ssim`` ``[rules, steps + 1]`` (step 0 the original model: 1.0; step k with ``layers[:k]``
@@ -277,7 +277,7 @@ def sanity_check(model: nn.Module, images: torch.Tensor, layer, *,
     firsts[:, 0] = torch.stack([p[0].detach().cpu() for p in original])
     randomized = copy.deepcopy(model)
     draws = torch.Generator().manual_seed(seed)
-    for step, module in enumerate(tqdm(layers, desc="sanity_check: randomizing", unit="layer", disable=not progress),
+    for step, module in enumerate(track(layers, desc="sanity_check: randomizing", unit="layer", enabled=progress),
                                   start=1):
         randomize(randomized.get_submodule(module), int(torch.randint(2 ** 62, (1,), generator=draws)))
         for row, (before, after) in enumerate(zip(original_maps, projections(randomized))):
