@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import rules as rule_registry
-from .capture import evaluating
+from .capture import capture
 from .checks import ArgumentError, check_channel_per_image, check_images, is_int, resolve_layer
 from .progress import track
 from .receptive_field import receptive_field
@@ -73,19 +73,15 @@ class SanityCheck:
     seed: int
 
 
-class _Reached(Exception):
-    """Raised by the hook on the chosen layer: nothing after it has to run."""
-
-
 def _run_to_layer(model: nn.Module, images: torch.Tensor, layer: str, caller: str
                   ) -> Tuple[List[str], torch.Tensor]:
     """(the modules with their own parameters that the forward runs up to ``layer``'s output, in the
-    order they finish, ``layer`` included; ``layer``'s output). One forward in eval mode without
-    autograd, stopped at the layer ("" runs the whole model); hooks removed afterwards."""
+    order they finish, ``layer`` included; ``layer``'s output). One whole forward without autograd
+    by :func:`deconvcuda.capture.capture` (eval mode; a layer called more than once or never is an
+    error that says so), with a hook on each of those modules and on the layer, removed afterwards."""
     owners = [name for name, module in model.named_modules()
               if next(module.parameters(recurse=False), None) is not None]
-    finished: List[str] = []
-    reached: List[torch.Tensor] = []
+    finished: List[str] = []     # the owners and the layer, each at its first call's end
 
     def finish(name: str):
         def hook(module, inputs, output):
@@ -93,32 +89,17 @@ def _run_to_layer(model: nn.Module, images: torch.Tensor, layer: str, caller: st
                 finished.append(name)
         return hook
 
-    def reach(module, inputs, output):
-        reached.append(output)
-        raise _Reached
-
-    handles = [model.get_submodule(name).register_forward_hook(finish(name)) for name in owners]
-    if layer:
-        handles.append(model.get_submodule(layer).register_forward_hook(reach))
+    watched = list(dict.fromkeys(owners + ([layer] if layer else [])))
+    handles = [model.get_submodule(name).register_forward_hook(finish(name)) for name in watched]
     try:
-        with evaluating(model), torch.inference_mode(False), torch.no_grad():
-            try:
-                output = model(images)
-                if not layer:
-                    reached.append(output)
-            except _Reached:
-                pass
+        with torch.inference_mode(False), torch.no_grad():
+            outputs, _ = capture(model, images, [layer], caller)
     finally:
         for handle in handles:
             handle.remove()
-    if not reached:
-        raise ValueError(f"{caller}: layer {layer!r} is never called by the model's forward, so it has no output "
-                         f"to project; name a layer the forward runs")
-    output = reached[0]
-    if not isinstance(output, torch.Tensor):
-        raise ValueError(f"{caller}: layer {layer!r} returns a {type(output).__name__}, not a tensor; name a layer "
-                         f"whose output is one tensor")
-    return finished, output
+    owned = set(owners)
+    reached = finished[:finished.index(layer) + 1] if layer else finished
+    return [name for name in reached if name in owned], outputs[layer]
 
 
 def randomizable_layers(model: nn.Module, images: torch.Tensor, layer) -> Tuple[str, ...]:

@@ -181,6 +181,18 @@ class Unused(nn.Module):
         return self.conv(self.pool(x))
 
 
+class Twice(nn.Module):
+    """One convolution and one ReLU, each called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv(self.relu(self.conv(x))))
+
+
 def test_bad_input_is_a_clear_error():
     model = small_net()
     x = photos(count=2)
@@ -211,6 +223,9 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="sanity_check: .*'spare'"):
         deconvcuda.sanity_check(unused, x, "spare")
     assert randomizable_layers(unused, x, "conv") == ("conv",)
+    with pytest.raises(ValueError, match="sanity_check: layer 'relu' is called 2 times in the model's forward, so it "
+                                         "has no single output"):
+        deconvcuda.sanity_check(Twice().double(), x, "relu")
 
 
 def test_the_figure(table, tmp_path):
