@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from . import rules as rule_registry
+from .batches import iter_batches
 from .capture import capture
 from .checks import ArgumentError, check_channel_per_image, check_images, is_int, resolve_layer
 from .progress import track
@@ -207,7 +208,7 @@ def _region_maps(projections: torch.Tensor, regions: torch.Tensor) -> List[torch
 
 def sanity_check(model: nn.Module, images: torch.Tensor, layer, *,
                  rules: Sequence[str] = ("deconvnet", "guided", "gradient"), channel=None, seed: int = 0,
-                 progress: bool = False) -> SanityCheck:
+                 batch_size: Optional[int] = None, progress: bool = False) -> SanityCheck:
     """Cascading randomization (Adebayo et al. 2018) of the layers with weights on the way to ``layer``,
     from the top down, and how much each rule's projection changes.
 
@@ -217,7 +218,9 @@ def sanity_check(model: nn.Module, images: torch.Tensor, layer, *,
     on the original model), an int or a LongTensor ``[N]`` (per image, that map's largest activation on
     the original model); a flat layer's unit, a token layer's feature. The same activations, seeded
     with 1, are projected at every step. seed: seeds the re-initialisation (the same seed gives the
-    same table). progress: progress on stderr over the randomization steps (:mod:`deconvcuda.progress`).
+    same table). batch_size: images projected together (None: all of them), which bounds the memory
+    of each projection; the table does not depend on it. progress: progress on stderr over the
+    randomization steps (:mod:`deconvcuda.progress`).
 
     Returns a :class:`SanityCheck`: ``layers`` (randomized, top first), ``rules``, and ``spearman`` and
     ``ssim`` ``[rules, steps + 1]`` (step 0 the original model: 1.0; step k with ``layers[:k]``
@@ -236,6 +239,7 @@ def sanity_check(model: nn.Module, images: torch.Tensor, layer, *,
     if not is_int(seed):
         raise ArgumentError(f"{caller}: seed must be an int, got {type(seed).__name__}")
     seed = int(seed)
+    batches = list(iter_batches(images, images.shape[0] if batch_size is None else batch_size, caller))
     finished, output = _run_to_layer(model, images, layer, caller)
     neurons = _neurons(output, channel, caller)
     regions = _regions(model, layer, neurons, output.dim() == 4, images.shape[-2:])
@@ -246,7 +250,11 @@ def sanity_check(model: nn.Module, images: torch.Tensor, layer, *,
                          f"randomize; name a layer after a convolution or a linear layer")
 
     def projections(net: nn.Module) -> List[torch.Tensor]:
-        return [project(net, images, layer, neurons=neurons.to(images.device), rule=rule, seed="one")
+        """Per rule, the projections ``[N, C, H, W]`` of ``neurons`` (one row per image), batch by batch."""
+        return [torch.cat([project(net, batch, layer, rule=rule, seed="one",
+                                   neurons=(neurons[first:first + len(batch)] - torch.tensor([first, 0, 0, 0])
+                                            ).to(images.device))
+                           for first, batch in batches])
                 for rule in names]
 
     original = projections(model)

@@ -47,6 +47,14 @@ def test_the_table(table):
     torch.testing.assert_close(result.spearman, result.spearman_per_image.mean(dim=2))
 
 
+def test_images_in_batches_give_the_same_table(table):
+    model, whole = table
+    batched = deconvcuda.sanity_check(model, photos(), "6", rules=["guided"], batch_size=2)
+    for name in ("spearman_per_image", "ssim_per_image", "projections"):   # guided is the fixture's second row
+        torch.testing.assert_close(getattr(batched, name), getattr(whole, name)[1:2], rtol=1e-9, atol=1e-12, msg=name)
+    assert torch.equal(batched.neurons, whole.neurons) and torch.equal(batched.regions, whole.regions)
+
+
 def test_the_neurons_are_each_images_strongest_activation_and_projected_as_project_does(table):
     model, result = table
     x = photos()
@@ -213,6 +221,8 @@ def test_bad_input_is_a_clear_error():
         deconvcuda.sanity_check(model, x, "4", channel=torch.tensor([1, 2, 3]))
     with pytest.raises(TypeError, match="sanity_check: seed must be an int"):
         deconvcuda.sanity_check(model, x, "4", seed=0.5)
+    with pytest.raises(ValueError, match="sanity_check: batch_size must be a positive int, got 0"):
+        deconvcuda.sanity_check(model, x, "4", batch_size=0)
     with pytest.raises(ValueError, match="sanity_check: unknown layer '9'"):
         deconvcuda.sanity_check(model, x, "9")
     with pytest.raises(TypeError, match="sanity_check: images must be a tensor"):
