@@ -5,6 +5,7 @@ no pyplot, no global state).
     invariance_figure(path, transform, amounts, {layer: distances}, probabilities=...)
     evolution_figure(path, cells, checkpoint_labels, channel_labels)
     draw_evolution(path, projections, channel_order, checkpoint_labels, channel_labels, title)
+    sanity_figure(path, table, channel_order="BGR", image=first_image)       # Adebayo et al.'s figure
 
 Images come in as ``[3, H, W]`` RGB floats in [0, 1] (``Preprocessing.to_display``,
 ``render.projections_to_rgb``); every function writes one PNG and returns its path.
@@ -12,6 +13,7 @@ Images come in as ``[3, H, W]`` RGB floats in [0, 1] (``Preprocessing.to_display
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Tuple, Union
 
@@ -218,6 +220,8 @@ def _crop_to_support(image: torch.Tensor, magnitude: torch.Tensor, share: float 
 
 #: The size of one cell of the sanity-check figure.
 SANITY_CELL_INCHES = 1.25
+#: About how many characters of the 9-point title fit in an inch: the title is wrapped to the figure's width.
+SANITY_TITLE_CHARACTERS_PER_INCH = 13
 
 
 def sanity_figure(path: PathLike, table, *, channel_order: str = "RGB",
@@ -240,7 +244,13 @@ def sanity_figure(path: PathLike, table, *, channel_order: str = "RGB",
                                                                                     *table.projections.shape[-2:])
     first = image is not None
     columns = steps + first
-    figure = _figure(SANITY_CELL_INCHES * columns + 0.6, SANITY_CELL_INCHES * rules + 0.9)
+    width = SANITY_CELL_INCHES * columns + 0.6
+    neuron = table.neurons[0].tolist()
+    title = title or (f"cascading randomization down to the input: each column re-initialises one more layer; "
+                      f"{table.layer} channel {neuron[1]} at ({neuron[2]}, {neuron[3]}) of the first image, "
+                      f"projected; ρ, SSIM: means over {table.neurons.shape[0]} images")
+    lines = textwrap.wrap(title, width=max(30, int(width * SANITY_TITLE_CHARACTERS_PER_INCH)))
+    figure = _figure(width, SANITY_CELL_INCHES * rules + 0.75 + 0.15 * len(lines))
     axes = figure.subplots(rules, columns, squeeze=False)
     for row, rule in enumerate(table.rules):
         if first:
@@ -258,8 +268,5 @@ def sanity_figure(path: PathLike, table, *, channel_order: str = "RGB",
         for cell in axes[row]:
             cell.set_xticks([])
             cell.set_yticks([])
-    neuron = table.neurons[0].tolist()
-    figure.suptitle(title or (f"cascading randomization down to the input: each column re-initialises one more layer; "
-                              f"{table.layer} channel {neuron[1]} at ({neuron[2]}, {neuron[3]}) of the first image, "
-                              f"projected; ρ, SSIM: means over {table.neurons.shape[0]} images"), fontsize=9)
+    figure.suptitle("\n".join(lines), fontsize=9)
     return _save(figure, path)
