@@ -39,7 +39,10 @@ from .progress import track
 from .receptive_field import receptive_field
 from .similarity import SSIM_WINDOW, saliency_maps, spearman, ssim
 
-__all__ = ["SanityCheck", "sanity_check", "randomizable_layers", "randomize"]
+__all__ = ["SanityCheck", "sanity_check", "randomizable_layers", "randomize", "DEFAULT_RULES"]
+
+#: The rules :func:`sanity_check` compares unless told otherwise: the DeconvNet, guided backpropagation, the gradient.
+DEFAULT_RULES = ("deconvnet", "guided", "gradient")
 
 
 @dataclass
@@ -207,7 +210,7 @@ def _region_maps(projections: torch.Tensor, regions: torch.Tensor) -> List[torch
 
 
 def sanity_check(model: nn.Module, images: torch.Tensor, layer, *,
-                 rules: Sequence[str] = ("deconvnet", "guided", "gradient"), channel=None, seed: int = 0,
+                 rules: Sequence[str] = DEFAULT_RULES, channel=None, seed: int = 0,
                  batch_size: Optional[int] = None, progress: bool = False) -> SanityCheck:
     """Cascading randomization (Adebayo et al. 2018) of the layers with weights on the way to ``layer``,
     from the top down, and how much each rule's projection changes.
