@@ -73,7 +73,8 @@ def run(args) -> int:
 
     device = common.device(args.device)
     model = common.build_model(args).to(device)
-    layer = analysis.layer(model, args.layer, -1)
+    common.check_layers(model, [args.layer])
+    layer = args.layer
     images = common.open_images(args, model)
     inputs, names = images.first(args.max_images)
     inputs = inputs.to(device)
