@@ -122,20 +122,17 @@ def guided_gradcam(model: nn.Module, images: torch.Tensor, layer, target: Target
     """Guided Grad-CAM (Selvaraju et al. 2017): the guided-backpropagation projection of the class score
     times the Grad-CAM map of ``layer`` upsampled with "nearest": ``[N, C, H, W]``.
 
-    The projection is ``deconvcuda.project(model, images, "", rule="guided", seed="one")`` at the
-    model's output: ``channel=target`` for an int target, ``neurons`` rows ``(i, target_i, 0, 0)`` for a
-    LongTensor ``[N]``. Equal to Captum's ``GuidedGradCam`` where Captum's hooks see every ReLU (here
-    every ReLU form counts). Runs on every model ``project`` accepts; the model is not changed.
+    The projection is ``deconvcuda.project(model, images, "", neurons=..., rule="guided", seed="one")``
+    at the model's output, a row ``(i, target_i, 0, 0)`` per image. Equal to Captum's ``GuidedGradCam``
+    where Captum's hooks see every ReLU (here every ReLU form counts). Runs on every model ``project``
+    accepts; the model is not changed.
     """
     from .engine import project
 
     caller = "guided_gradcam"
     cam, classes = _class_map(model, images, layer, target, caller)
-    if is_int(target):
-        guided = project(model, images, "", channel=int(target), rule="guided", seed="one")
-    else:
-        rows = torch.arange(images.shape[0])
-        zeros = torch.zeros_like(rows)
-        neurons = torch.stack([rows, classes, zeros, zeros], dim=1).to(images.device)
-        guided = project(model, images, "", neurons=neurons, rule="guided", seed="one")
+    rows = torch.arange(images.shape[0])
+    zeros = torch.zeros_like(rows)
+    neurons = torch.stack([rows, classes, zeros, zeros], dim=1).to(images.device)
+    guided = project(model, images, "", neurons=neurons, rule="guided", seed="one")
     return guided * _upsample(cam, images.shape[-2:], "nearest").to(guided.dtype)

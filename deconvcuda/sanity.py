@@ -2,7 +2,7 @@
 does the projection depend on the model's weights at all?
 
     table = deconvcuda.sanity_check(model, images, "features.28")
-    table.layers        # ["features.28", "features.26", ..., "features.0"]: randomized top down
+    table.layers        # ("features.28", "features.26", ..., "features.0"): randomized top down
     table.spearman      # [rules, steps + 1]: step 0 the original model (1.0), step k layers[:k] randomized
     table.ssim          # the same for SSIM
 
@@ -26,19 +26,23 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import rules as rule_registry
-from .capture import evaluating
+from .batches import iter_batches
+from .capture import capture
 from .checks import ArgumentError, as_list, check_channel_per_image, check_images, is_int, resolve_layer
+from .progress import track
 from .receptive_field import receptive_field
 from .similarity import SSIM_WINDOW, saliency_maps, spearman, ssim
 
-__all__ = ["SanityCheck", "sanity_check", "randomizable_layers", "randomize"]
+__all__ = ["SanityCheck", "sanity_check", "randomizable_layers", "randomize", "DEFAULT_RULES"]
+
+#: The rules :func:`sanity_check` compares unless told otherwise: the DeconvNet, guided backpropagation, the gradient.
+DEFAULT_RULES = ("deconvnet", "guided", "gradient")
 
 
 @dataclass
@@ -49,9 +53,9 @@ class SanityCheck:
     #: The layer whose activations are projected.
     layer: str
     #: The randomized layers, in the order they were randomized (top first).
-    layers: List[str]
+    layers: Tuple[str, ...]
     #: The rules, one row each.
-    rules: List[str]
+    rules: Tuple[str, ...]
     #: ``[rules, steps + 1]``: mean over the images of the Spearman rank correlation between the
     #: original and the randomized projection (Adebayo's absolute-value maps).
     spearman: torch.Tensor
@@ -73,19 +77,15 @@ class SanityCheck:
     seed: int
 
 
-class _Reached(Exception):
-    """Raised by the hook on the chosen layer: nothing after it has to run."""
-
-
 def _run_to_layer(model: nn.Module, images: torch.Tensor, layer: str, caller: str
                   ) -> Tuple[List[str], torch.Tensor]:
     """(the modules with their own parameters that the forward runs up to ``layer``'s output, in the
-    order they finish, ``layer`` included; ``layer``'s output). One forward in eval mode without
-    autograd, stopped at the layer ("" runs the whole model); hooks removed afterwards."""
+    order they finish, ``layer`` included; ``layer``'s output). One whole forward without autograd
+    by :func:`deconvcuda.capture.capture` (eval mode; a layer called more than once or never is an
+    error that says so), with a hook on each of those modules and on the layer, removed afterwards."""
     owners = [name for name, module in model.named_modules()
               if next(module.parameters(recurse=False), None) is not None]
-    finished: List[str] = []
-    reached: List[torch.Tensor] = []
+    finished: List[str] = []     # the owners and the layer, each at its first call's end
 
     def finish(name: str):
         def hook(module, inputs, output):
@@ -93,41 +93,26 @@ def _run_to_layer(model: nn.Module, images: torch.Tensor, layer: str, caller: st
                 finished.append(name)
         return hook
 
-    def reach(module, inputs, output):
-        reached.append(output)
-        raise _Reached
-
-    handles = [model.get_submodule(name).register_forward_hook(finish(name)) for name in owners]
-    if layer:
-        handles.append(model.get_submodule(layer).register_forward_hook(reach))
+    watched = list(dict.fromkeys(owners + ([layer] if layer else [])))
+    handles = [model.get_submodule(name).register_forward_hook(finish(name)) for name in watched]
     try:
-        with evaluating(model), torch.inference_mode(False), torch.no_grad():
-            try:
-                output = model(images)
-                if not layer:
-                    reached.append(output)
-            except _Reached:
-                pass
+        with torch.inference_mode(False), torch.no_grad():
+            outputs, _ = capture(model, images, [layer], caller)
     finally:
         for handle in handles:
             handle.remove()
-    if not reached:
-        raise ValueError(f"{caller}: layer {layer!r} is never called by the model's forward, so it has no output "
-                         f"to project; name a layer the forward runs")
-    output = reached[0]
-    if not isinstance(output, torch.Tensor):
-        raise ValueError(f"{caller}: layer {layer!r} returns a {type(output).__name__}, not a tensor; name a layer "
-                         f"whose output is one tensor")
-    return finished, output
+    owned = set(owners)
+    reached = finished[:finished.index(layer) + 1] if layer else finished
+    return [name for name in reached if name in owned], outputs[layer]
 
 
-def randomizable_layers(model: nn.Module, images: torch.Tensor, layer) -> List[str]:
+def randomizable_layers(model: nn.Module, images: torch.Tensor, layer) -> Tuple[str, ...]:
     """The layers :func:`sanity_check` randomizes for ``layer``, in its order (top of the path first):
     the modules with their own parameters that the forward of ``images`` runs up to ``layer``'s output."""
     caller = "randomizable_layers"
     check_images(images, caller, allow_empty=False)
     finished, _ = _run_to_layer(model, images, resolve_layer(model, layer, caller), caller)
-    return finished[::-1]
+    return tuple(finished[::-1])
 
 
 def randomize(module: nn.Module, generator_seed: int) -> None:
@@ -147,10 +132,10 @@ def randomize(module: nn.Module, generator_seed: int) -> None:
             parameter.copy_(parameter.flatten()[order].view_as(parameter))
 
 
-def _check_rules(rules, caller: str) -> List[str]:
+def _check_rules(rules, caller: str) -> Tuple[str, ...]:
     names = ", ".join(map(repr, rule_registry.names()))
     rules = as_list(rules, (str, rule_registry.Rule), "rules", f"a rule name or a sequence of them ({names})", caller)
-    names = [rule_registry.get(rule, caller, "rules").name for rule in rules]
+    names = tuple(rule_registry.get(rule, caller, "rules").name for rule in rules)
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ValueError(f"{caller}: rules names {', '.join(map(repr, repeated))} more than once; name each rule once")
@@ -217,8 +202,8 @@ def _region_maps(projections: torch.Tensor, regions: torch.Tensor) -> List[torch
 
 
 def sanity_check(model: nn.Module, images: torch.Tensor, layer, *,
-                 rules: Sequence[str] = ("deconvnet", "guided", "gradient"), channel=None, seed: int = 0,
-                 progress: bool = False) -> SanityCheck:
+                 rules: Sequence[str] = DEFAULT_RULES, channel=None, seed: int = 0,
+                 batch_size: Optional[int] = None, progress: bool = False) -> SanityCheck:
     """Cascading randomization (Adebayo et al. 2018) of the layers with weights on the way to ``layer``,
     from the top down, and how much each rule's projection changes.
 
@@ -228,7 +213,9 @@ def sanity_check(model: nn.Module, images: torch.Tensor, layer, *,
     on the original model), an int or a LongTensor ``[N]`` (per image, that map's largest activation on
     the original model); a flat layer's unit, a token layer's feature. The same activations, seeded
     with 1, are projected at every step. seed: seeds the re-initialisation (the same seed gives the
-    same table). progress: a tqdm bar over the randomization steps.
+    same table). batch_size: images projected together (None: all of them), which bounds the memory
+    of each projection; the table does not depend on it. progress: progress on stderr over the
+    randomization steps (:mod:`deconvcuda.progress`).
 
     Returns a :class:`SanityCheck`: ``layers`` (randomized, top first), ``rules``, and ``spearman`` and
     ``ssim`` ``[rules, steps + 1]`` (step 0 the original model: 1.0; step k with ``layers[:k]``
@@ -247,17 +234,22 @@ def sanity_check(model: nn.Module, images: torch.Tensor, layer, *,
     if not is_int(seed):
         raise ArgumentError(f"{caller}: seed must be an int, got {type(seed).__name__}")
     seed = int(seed)
+    batches = list(iter_batches(images, images.shape[0] if batch_size is None else batch_size, caller))
     finished, output = _run_to_layer(model, images, layer, caller)
     neurons = _neurons(output, channel, caller)
     regions = _regions(model, layer, neurons, output.dim() == 4, images.shape[-2:])
     del output
-    layers = finished[::-1]
+    layers = tuple(finished[::-1])
     if not layers:
         raise ValueError(f"{caller}: no layer with weights runs before layer {layer!r}, so there is nothing to "
                          f"randomize; name a layer after a convolution or a linear layer")
 
     def projections(net: nn.Module) -> List[torch.Tensor]:
-        return [project(net, images, layer, neurons=neurons.to(images.device), rule=rule, seed="one")
+        """Per rule, the projections ``[N, C, H, W]`` of ``neurons`` (one row per image), batch by batch."""
+        return [torch.cat([project(net, batch, layer, rule=rule, seed="one",
+                                   neurons=(neurons[first:first + len(batch)] - torch.tensor([first, 0, 0, 0])
+                                            ).to(images.device))
+                           for first, batch in batches])
                 for rule in names]
 
     original = projections(model)
@@ -269,7 +261,7 @@ def sanity_check(model: nn.Module, images: torch.Tensor, layer, *,
     firsts[:, 0] = torch.stack([p[0].detach().cpu() for p in original])
     randomized = copy.deepcopy(model)
     draws = torch.Generator().manual_seed(seed)
-    for step, module in enumerate(tqdm(layers, desc="sanity_check: randomizing", unit="layer", disable=not progress),
+    for step, module in enumerate(track(layers, desc="sanity_check: randomizing", unit="layer", enabled=progress),
                                   start=1):
         randomize(randomized.get_submodule(module), int(torch.randint(2 ** 62, (1,), generator=draws)))
         for row, (before, after) in enumerate(zip(original_maps, projections(randomized))):

@@ -208,8 +208,9 @@ def test_build_vgg16_hed_with_weights_file_uses_the_file(tmp_path, monkeypatch):
 
 
 def test_build_unknown_model_lists_the_names():
-    with pytest.raises(ValueError, match=r"unknown model 'vit_b_16'; expected one of vgg16_hed, zfnet, alexnet"):
-        models.build("vit_b_16")
+    with pytest.raises(ValueError, match=r"unknown model 'vit_b_17'; expected one of vgg16_hed, zfnet, alexnet.*or "
+                                         r"timm:NAME"):
+        models.build("vit_b_17")
 
 
 def test_build_missing_weights_file(tmp_path):

@@ -37,14 +37,22 @@ def table():
 
 def test_the_table(table):
     _, result = table
-    assert result.layers == ["6", "4", "1", "0"]  # every layer with weights, from the top down; BatchNorm too
-    assert result.rules == ["deconvnet", "guided", "gradient"]
+    assert result.layers == ("6", "4", "1", "0")  # every layer with weights, from the top down; BatchNorm too
+    assert result.rules == ("deconvnet", "guided", "gradient")
     assert result.spearman.shape == result.ssim.shape == (3, 5)
     assert result.spearman_per_image.shape == result.ssim_per_image.shape == (3, 5, 3)
     assert torch.equal(result.spearman[:, 0], torch.ones(3, dtype=torch.float64))
     assert torch.equal(result.ssim[:, 0], torch.ones(3, dtype=torch.float64))
     assert result.projections.shape == (3, 5, 3, 24, 24)
     torch.testing.assert_close(result.spearman, result.spearman_per_image.mean(dim=2))
+
+
+def test_images_in_batches_give_the_same_table(table):
+    model, whole = table
+    batched = deconvcuda.sanity_check(model, photos(), "6", rules=["guided"], batch_size=2)
+    for name in ("spearman_per_image", "ssim_per_image", "projections"):   # guided is the fixture's second row
+        torch.testing.assert_close(getattr(batched, name), getattr(whole, name)[1:2], rtol=1e-9, atol=1e-12, msg=name)
+    assert torch.equal(batched.neurons, whole.neurons) and torch.equal(batched.regions, whole.regions)
 
 
 def test_the_neurons_are_each_images_strongest_activation_and_projected_as_project_does(table):
@@ -127,7 +135,7 @@ def test_the_gradient_decorrelates_and_guided_backpropagation_less():
                           nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Conv2d(32, 32, 3, padding=1)).double().eval()
     result = deconvcuda.sanity_check(model, photos(size=32, count=2), "6", rules=["guided", "gradient"], seed=1)
-    assert result.layers == ["6", "3", "0"]
+    assert result.layers == ("6", "3", "0")
     guided, gradient = result.spearman[:, -1]
     assert gradient < 0.8 and gradient < guided
 
@@ -166,7 +174,7 @@ def test_a_chosen_channel_and_a_flat_output():
         assert channel == [3, 7][image] and output[image, channel, y, x_] == output[image, channel].max()
     classifier = nn.Sequential(small_net(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).double().eval()
     flat = deconvcuda.sanity_check(classifier, x, "", rules=["gradient"], channel=2)
-    assert flat.layers == ["3", "0.6", "0.4", "0.1", "0.0"]
+    assert flat.layers == ("3", "0.6", "0.4", "0.1", "0.0")
     assert flat.neurons.tolist() == [[0, 2, 0, 0], [1, 2, 0, 0]]
 
 
@@ -179,6 +187,18 @@ class Unused(nn.Module):
 
     def forward(self, x):
         return self.conv(self.pool(x))
+
+
+class Twice(nn.Module):
+    """One convolution and one ReLU, each called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv(self.relu(self.conv(x))))
 
 
 def test_bad_input_is_a_clear_error():
@@ -201,6 +221,8 @@ def test_bad_input_is_a_clear_error():
         deconvcuda.sanity_check(model, x, "4", channel=torch.tensor([1, 2, 3]))
     with pytest.raises(TypeError, match="sanity_check: seed must be an int"):
         deconvcuda.sanity_check(model, x, "4", seed=0.5)
+    with pytest.raises(ValueError, match="sanity_check: batch_size must be a positive int, got 0"):
+        deconvcuda.sanity_check(model, x, "4", batch_size=0)
     with pytest.raises(ValueError, match="sanity_check: unknown layer '9'"):
         deconvcuda.sanity_check(model, x, "9")
     with pytest.raises(TypeError, match="sanity_check: images must be a tensor"):
@@ -210,7 +232,10 @@ def test_bad_input_is_a_clear_error():
         deconvcuda.sanity_check(unused, x, "pool")
     with pytest.raises(ValueError, match="sanity_check: .*'spare'"):
         deconvcuda.sanity_check(unused, x, "spare")
-    assert randomizable_layers(unused, x, "conv") == ["conv"]
+    assert randomizable_layers(unused, x, "conv") == ("conv",)
+    with pytest.raises(ValueError, match="sanity_check: layer 'relu' is called 2 times in the model's forward, so it "
+                                         "has no single output"):
+        deconvcuda.sanity_check(Twice().double(), x, "relu")
 
 
 def test_the_figure(table, tmp_path):

@@ -22,7 +22,7 @@ earlier run of the same key left, and its files go into the manifest. ``deconvcu
 is a complete example.
 """
 from .gallery import MANIFEST, Section, add_to_gallery, clear_previous, figure_html, prepare_output, record_outputs
-from .plots import sanity_figure, synthesis_figure
+from .plots import gradcam_figure, sanity_figure, synthesis_figure
 from .records import ChannelFigure, LayerFigures, Visualization
 from .render import (BACKGROUND, CELL_GAP, CONTRASTS, GRID_GAP, MIN_CELL_PIXELS, OUTLINE_COLOUR, OUTSIDE,
                      OVERVIEW_HEIGHT, channel_figure, grid, patches_to_rgb, projections_to_rgb, support_mask)
@@ -32,4 +32,4 @@ __all__ = ["visualize", "Visualization", "LayerFigures", "ChannelFigure", "Secti
            "patches_to_rgb", "support_mask", "grid", "channel_figure", "prepare_output", "record_outputs",
            "add_to_gallery", "clear_previous", "figure_html", "CONTRASTS", "DEFAULT_CHANNELS", "PROBE_CHANNELS", "MANIFEST",
            "BACKGROUND", "CELL_GAP", "GRID_GAP", "MIN_CELL_PIXELS", "OUTLINE_COLOUR", "OUTSIDE", "OVERVIEW_HEIGHT",
-           "sanity_figure", "synthesis_figure"]
+           "sanity_figure", "synthesis_figure", "gradcam_figure"]

@@ -5,6 +5,8 @@ no pyplot, no global state).
     invariance_figure(path, transform, amounts, {layer: distances}, probabilities=...)
     evolution_figure(path, cells, checkpoint_labels, channel_labels)
     draw_evolution(path, projections, channel_order, checkpoint_labels, channel_labels, title)
+    sanity_figure(path, table, channel_order="BGR", image=first_image)       # Adebayo et al.'s figure
+    gradcam_figure(path, image, cam, guided, channel_order="BGR", title=...)  # one image's class views
 
 Images come in as ``[3, H, W]`` RGB floats in [0, 1] (``Preprocessing.to_display``,
 ``render.projections_to_rgb``); every function writes one PNG and returns its path.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Tuple, Union
 
@@ -20,10 +23,12 @@ import numpy as np
 import torch
 
 __all__ = ["occlusion_figure", "invariance_figure", "evolution_figure", "draw_evolution", "sanity_figure",
-           "synthesis_figure", "new_figure", "hwc", "save_figure"]
+           "synthesis_figure", "gradcam_figure", "new_figure", "hwc", "save_figure"]
 
 PathLike = Union[str, os.PathLike]
 DPI = 100
+#: About how many characters of a 9-point title fit in an inch: long titles are wrapped to the figure's width.
+TITLE_CHARACTERS_PER_INCH = 13
 
 
 def new_figure(width: float, height: float):
@@ -242,7 +247,13 @@ def sanity_figure(path: PathLike, table, *, channel_order: str = "RGB",
                                                                                     *table.projections.shape[-2:])
     first = image is not None
     columns = steps + first
-    figure = new_figure(SANITY_CELL_INCHES * columns + 0.6, SANITY_CELL_INCHES * rules + 0.9)
+    width = SANITY_CELL_INCHES * columns + 0.6
+    neuron = table.neurons[0].tolist()
+    title = title or (f"cascading randomization down to the input: each column re-initialises one more layer; "
+                      f"{table.layer} channel {neuron[1]} at ({neuron[2]}, {neuron[3]}) of the first image, "
+                      f"projected; ρ, SSIM: means over {table.neurons.shape[0]} images")
+    lines = textwrap.wrap(title, width=max(30, int(width * TITLE_CHARACTERS_PER_INCH)))
+    figure = new_figure(width, SANITY_CELL_INCHES * rules + 0.75 + 0.15 * len(lines))
     axes = figure.subplots(rules, columns, squeeze=False)
     for row, rule in enumerate(table.rules):
         if first:
@@ -260,10 +271,43 @@ def sanity_figure(path: PathLike, table, *, channel_order: str = "RGB",
         for cell in axes[row]:
             cell.set_xticks([])
             cell.set_yticks([])
-    neuron = table.neurons[0].tolist()
-    figure.suptitle(title or (f"cascading randomization down to the input: each column re-initialises one more layer; "
-                              f"{table.layer} channel {neuron[1]} at ({neuron[2]}, {neuron[3]}) of the first image, "
-                              f"projected; ρ, SSIM: means over {table.neurons.shape[0]} images"), fontsize=9)
+    figure.suptitle("\n".join(lines), fontsize=9)
+    return save_figure(figure, path)
+
+
+#: The side of one panel of the Grad-CAM figure.
+GRADCAM_PANEL_INCHES = 2.4
+
+
+def gradcam_figure(path: PathLike, image: torch.Tensor, cam: torch.Tensor, guided: torch.Tensor, *,
+                   channel_order: str = "RGB", title: str = "") -> Path:
+    """The class views of one image, side by side: the image, its Grad-CAM map over it (a heat map
+    scaled to the map's maximum, which the panel's title gives), and guided Grad-CAM drawn as the
+    gallery draws projections. image: ``[3, H, W]`` RGB in [0, 1] (``Preprocessing.to_display``);
+    cam: ``[H, W]`` (one image of :func:`deconvcuda.gradcam`); guided: ``[C, H, W]`` (one image of
+    :func:`deconvcuda.guided_gradcam`, in the model's input order ``channel_order``). Drawn into the
+    PNG ``path``; returns the path."""
+    from .render import projections_to_rgb
+
+    picture = hwc(image)
+    cam = cam.detach().to("cpu", torch.float64)
+    peak = float(cam.max())
+    figure = new_figure(3 * GRADCAM_PANEL_INCHES, GRADCAM_PANEL_INCHES + 0.5)
+    axes = figure.subplots(1, 3, squeeze=False)[0]
+    axes[0].imshow(picture, interpolation="nearest")
+    axes[0].set_title("image", fontsize=9)
+    axes[1].imshow(picture, interpolation="nearest")
+    axes[1].imshow((cam / peak if peak > 0 else cam).numpy(), cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0,
+                   interpolation="nearest")
+    axes[1].set_title(f"Grad-CAM (max {peak:.3g})", fontsize=9)
+    axes[2].imshow(hwc(projections_to_rgb(guided.detach().cpu()[None], channel_order)[0]), interpolation="nearest")
+    axes[2].set_title("guided Grad-CAM", fontsize=9)
+    for panel in axes:
+        panel.set_xticks([])
+        panel.set_yticks([])
+    if title:
+        lines = textwrap.wrap(title, width=int(3 * GRADCAM_PANEL_INCHES * TITLE_CHARACTERS_PER_INCH))
+        figure.suptitle("\n".join(lines), fontsize=9)
     return save_figure(figure, path)
 
 
