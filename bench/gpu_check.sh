@@ -60,7 +60,7 @@ MIN_STAGE_S=5          # a stage with less time than this left is not started
 # The test files of the "rest" stages, in order (test_ops.py first: the kernels under test).
 REST_FILES=(test_ops.py test_project.py test_dispatch.py test_graph_models.py test_top_activations.py
             test_scan.py test_receptive_field.py test_analyses.py test_figures.py test_models.py test_cli.py
-            test_distributed.py test_capture.py test_rules.py test_readme.py)
+            test_distributed.py test_capture.py test_rules.py test_synthesize.py test_readme.py)
 QUICK_OPS="(test_max_pool2d_switches or test_unpool_relu or test_deconv2d) and not random"
 QUICK_OPS+=" or test_empty_tensors or test_layouts or test_deterministic or test_switches_by_hand"
 QUICK_OPS+=" or test_overlapping or test_nan_gradients or test_arbitrary_switches or test_memory_format or tf32"
