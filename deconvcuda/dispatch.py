@@ -48,10 +48,22 @@ CPU_MEASURE_BUDGET_S = 0.02
 #: (the windows of point projections); on whole maps its column buffer is the map times the kernel.
 GEMM_MAX_POSITIONS = 256
 
+#: ... and only where its column buffer (every input position times the filters) stays within this
+#: many bytes: a batch of 144 windows of 15 x 15 positions reversing a 5 x 5 convolution to 64
+#: channels would need 200 MB of columns (twice that while they are laid out for col2im), which
+#: timing it would add to the run's peak memory for a candidate that loses there anyway.
+GEMM_MAX_COLUMN_BYTES = 32 * 2 ** 20
+
 
 def _bucket(batch: int) -> int:
     """The power of two at or above ``batch``."""
     return 1 << max(0, int(batch) - 1).bit_length()
+
+
+def _gemm_column_bytes(input: torch.Tensor, weight: torch.Tensor, groups: int) -> int:
+    """The bytes of ``deconv2d_gemm``'s column buffer: each input position times each output channel's taps."""
+    positions = input.shape[0] * input.shape[2] * input.shape[3]
+    return positions * groups * weight[0].numel() * input.element_size()
 
 
 def deconv2d_gemm(input: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=1, groups: int = 1,
@@ -105,7 +117,8 @@ class Dispatcher:
         key = (_bucket(input.shape[0]),) + tuple(input.shape[1:]) + (tuple(weight.shape), str(stride), str(padding),
                                                                     str(dilation), groups, str(output_size))
         candidates = {"op": lambda: self.ops.deconv2d(input, weight, stride, padding, dilation, groups, output_size)}
-        if input.shape[2] * input.shape[3] <= GEMM_MAX_POSITIONS:
+        if input.shape[2] * input.shape[3] <= GEMM_MAX_POSITIONS and \
+                _gemm_column_bytes(input, weight, groups) <= GEMM_MAX_COLUMN_BYTES:
             candidates["gemm"] = lambda: deconv2d_gemm(input, weight, stride, padding, dilation, groups, output_size)
         return self._choose("deconv2d", candidates, key, input)
 

@@ -65,6 +65,26 @@ def test_choices_are_cached_per_shape_and_autotune_off_runs_the_op(monkeypatch):
     assert calls == ["op"] and len(dispatch.CHOICES) == 3  # nothing measured, nothing kept
 
 
+
+def test_gemm_is_a_candidate_only_where_its_columns_fit(monkeypatch):
+    """The GEMM + col2im candidate is timed only for small windows whose column buffer (positions
+    times output taps) keeps within GEMM_MAX_COLUMN_BYTES: timing it elsewhere would add that buffer
+    to the run's peak memory."""
+    timed = []
+    monkeypatch.setattr(dispatch, "CHOICES", {})
+    monkeypatch.setattr(dispatch, "measure", lambda candidate, device: (timed.append(candidate) or 0.0, candidate()))
+    kernels = dispatch.Dispatcher(ops)
+    w = torch.randn(8, 4, 5, 5)
+    small = torch.randn(2, 8, 6, 6)             # 72 positions x 100 taps x 4 bytes: 28.8 KB of columns
+    kernels.deconv2d(small, w, 1, 2, 1, 1, None)
+    assert len(timed) == 2                      # the op and the GEMM
+    timed.clear()
+    monkeypatch.setattr(dispatch, "GEMM_MAX_COLUMN_BYTES", 72 * 100 * 4 - 1)
+    kernels.deconv2d(torch.randn(2, 8, 6, 7), w, 1, 2, 1, 1, None)  # a new shape, a new choice
+    assert len(timed) == 0                      # one candidate left: run, not timed
+    assert dispatch._gemm_column_bytes(small, w, 1) == 72 * 100 * 4
+    assert dispatch._gemm_column_bytes(torch.randn(2, 8, 6, 6), torch.randn(8, 2, 5, 5), 2) == 72 * 100 * 4
+
 class _Timed:
     """A candidate that sleeps the given seconds on its successive calls (the last one from then on)
     and returns a tensor naming itself."""

@@ -33,7 +33,8 @@ import sys
 from types import ModuleType
 from typing import Dict, Optional, Sequence, Tuple
 
-from .common import PROG, UsageError, parse_channels, parse_layers, parse_rules, weights_description, warnings_as_messages
+from .common import (PROG, UsageError, parse_channels, parse_layers, parse_rules, return_large_buffers, weights_description,
+                     warnings_as_messages)
 
 __all__ = ["main", "COMMANDS", "UsageError", "parse_channels", "parse_layers", "parse_rules", "weights_description"]
 
@@ -66,6 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    return_large_buffers()
     try:
         with warnings_as_messages(args.command):
             return commands()[args.command].run(args)

@@ -325,3 +325,33 @@ def warnings_as_messages(command: str):
         warnings.simplefilter("always")
         warnings.showwarning = show
         yield
+
+
+#: glibc's mallopt parameter for the size above which an allocation is its own mapping.
+_M_MMAP_THRESHOLD = -3
+#: Buffers of at least this many bytes are mapped on their own and go back to the system when freed.
+LARGE_BUFFER_BYTES = 4 * 2 ** 20
+
+
+def return_large_buffers() -> None:
+    """Have glibc give every buffer of LARGE_BUFFER_BYTES or more back to the system when it is freed.
+
+    By default glibc raises that threshold to the largest buffer freed so far (up to 32 MB), after
+    which maps and projections of every size are carved from heaps that fragment and never shrink:
+    ``deconvcuda visualize --model alexnet`` over 4,000 images peaked at 1.19 GiB that way, and at
+    1.11 to 1.13 GiB with this threshold. The cost is a fresh mapping for each large CPU buffer: that run took
+    39 s instead of 30 s on 2 CPU cores; on a GPU the maps live in PyTorch's caching allocator and
+    nothing changes. A command line owns its process, so it sets this; the library leaves the
+    allocator alone.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    mallopt(_M_MMAP_THRESHOLD, LARGE_BUFFER_BYTES)

@@ -54,9 +54,9 @@ __all__ = ["visualize", "DEFAULT_CHANNELS"]
 DEFAULT_CHANNELS = 16
 #: The most projections one ``project`` call makes, and the most images it reads: its forward keeps
 #: what the reverse needs of each image, and each projection is a full-size image until it is
-#: cropped, so the two bound a call's memory whatever the size of the data. The channels are cut
-#: into chunks that keep within both (the 45 bundled photos of ``make demo`` fit in one).
-PROJECTIONS_PER_CALL, IMAGES_PER_CALL = 144, 48
+#: cropped, so the two bound a call's memory whatever the size of the data (about 250 MB on AlexNet,
+#: timing of the kernels' candidates included). The channels are cut into chunks that keep within both.
+PROJECTIONS_PER_CALL, IMAGES_PER_CALL = 96, 32
 #: Channels of each layer projected first, before any layer's others: their times estimate the run.
 PROBE_CHANNELS = 2
 #: A run whose projections are estimated to take longer than this (seconds) says so when it starts.
