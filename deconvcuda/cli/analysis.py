@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -28,6 +28,12 @@ def add_options(parser: argparse.ArgumentParser, command: str, max_images: Optio
                             help=f"use the first N images (default {max_images})")
     common.add_run_options(parser, f"output folder (default out/); PNGs go to DIR/{command}/, linked from "
                                    "DIR/index.html", 64, "occluder positions or images per forward pass")
+
+
+def device_and_model(args) -> Tuple[torch.device, torch.nn.Module]:
+    """The device of ``--device`` and the model of ``--model`` and ``--weights`` on it."""
+    device = common.device(args.device)
+    return device, common.build_model(args).to(device)
 
 
 def ints(text: str) -> List[int]:

@@ -251,9 +251,13 @@ class Images:
     def __len__(self) -> int:
         return len(self.names)
 
-    def first(self, count: Optional[int]) -> Tuple[torch.Tensor, List[str]]:
-        """The first ``count`` readable images (all where None) as a tensor, and their names: only
-        those are read; an unreadable file is skipped with a warning."""
+    def first(self, count: Optional[int], device=None) -> Tuple[torch.Tensor, List[str]]:
+        """The first ``count`` readable images (all where None) as a tensor (on ``device`` where given),
+        and their names: only those are read; an unreadable file is skipped with a warning."""
+        images, names = self._first(count)
+        return (images if device is None else images.to(device)), names
+
+    def _first(self, count: Optional[int]) -> Tuple[torch.Tensor, List[str]]:
         count = len(self) if count is None else count
         if isinstance(self.data, torch.Tensor):
             return self.data[:count], list(self.names[:count])

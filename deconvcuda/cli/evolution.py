@@ -34,8 +34,7 @@ def run(args) -> int:
     from ..analyses.evolution import evolution, read_checkpoints
     from ..figures import gallery, plots
 
-    device = common.device(args.device)
-    model = common.build_model(args).to(device)
+    device, model = analysis.device_and_model(args)
     layer = analysis.layer(model, args.layer, 0)
     missing = [path for path in args.checkpoints if not os.path.isfile(path)]
     if missing:

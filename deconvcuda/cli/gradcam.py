@@ -43,12 +43,10 @@ def run(args) -> int:
     from ..classviews import gradcam, guided_gradcam
     from ..figures import gallery, plots
 
-    device = common.device(args.device)
-    model = common.build_model(args).to(device)
+    device, model = analysis.device_and_model(args)
     layer = analysis.layer(model, args.layer, -1)
     images = common.open_images(args, model)
-    inputs, names = images.first(args.max_images)
-    inputs = inputs.to(device)
+    inputs, names = images.first(args.max_images, device)
     if not analysis.is_classifier(model, tuple(inputs.shape[1:])):
         raise UsageError(f"--model: Grad-CAM needs a classifier, whose output is class scores [N, classes]; "
                          f"{args.model}'s is not (vgg16_hed is VGG16's convolutions alone): name a classifier such as "

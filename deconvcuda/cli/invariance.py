@@ -66,8 +66,7 @@ def run(args) -> int:
     from ..figures import gallery, plots
     from ..models import default_layers
 
-    device = common.device(args.device)
-    model = common.build_model(args).to(device)
+    device, model = analysis.device_and_model(args)
     if args.layers is not None:
         common.check_layers(model, args.layers)
         layers = args.layers
@@ -77,8 +76,7 @@ def run(args) -> int:
     if args.amounts is not None and len(args.transforms) != 1:
         raise UsageError("--amounts: name one transform with --transforms when giving amounts")
     images = common.open_images(args, model)
-    inputs, names = images.first(args.max_images)
-    inputs = inputs.to(device)
+    inputs, names = images.first(args.max_images, device)
     classifier = analysis.is_classifier(model, tuple(inputs.shape[1:]))
     labels = analysis.labels(args, model, inputs) if classifier else None
     print(f"{PROG}: invariance of {', '.join(layers)} ({args.model} on {device}), {len(names)} images, "

@@ -59,14 +59,12 @@ def run(args) -> int:
     from ..engine import project
     from ..figures import gallery, plots, render
 
-    device = common.device(args.device)
-    model = common.build_model(args).to(device)
+    device, model = analysis.device_and_model(args)
     layer = analysis.layer(model, args.layer, -1)
     images = common.open_images(args, model)
     if args.window > args.image_size:
         raise UsageError(f"--window: the square ({args.window}) is larger than the images ({args.image_size})")
-    inputs, names = images.first(args.max_images)
-    inputs = inputs.to(device)
+    inputs, names = images.first(args.max_images, device)
     fill = inputs.mean(dim=(0, 2, 3)) if args.fill == "mean" else args.fill
     output = layer_outputs(model, inputs, [layer], f"{PROG} occlusion")[layer]
     if args.channel is not None and not 0 <= args.channel < output.shape[1]:

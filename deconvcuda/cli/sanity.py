@@ -71,13 +71,11 @@ def run(args) -> int:
     from ..figures import gallery, plots
     from ..sanity import randomizable_layers, sanity_check
 
-    device = common.device(args.device)
-    model = common.build_model(args).to(device)
+    device, model = analysis.device_and_model(args)
     common.check_layers(model, [args.layer])
     layer = args.layer
     images = common.open_images(args, model)
-    inputs, names = images.first(args.max_images)
-    inputs = inputs.to(device)
+    inputs, names = images.first(args.max_images, device)
     try:  # a layer the forward never runs (or runs twice) is the user's to change, before any work
         layers = randomizable_layers(model, inputs, layer)
     except ValueError as error:
