@@ -222,6 +222,14 @@ def test_cli_synthesize_usage_errors_exit_2(tmp_path, capsys, argv, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_visualize_synthesis_options_need_synthesize(tmp_path, capsys):
+    code, out, err = run_command(capsys, "visualize", "--model", "zfnet", "--synthesis-steps", "8",
+                                 "--out", tmp_path / "out")
+    assert code == 2 and "error: --synthesis-steps: the --synthesis-* options set how the optimized images are made; " \
+                         "add --synthesize to draw them" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["synthesize", "--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
     (["synthesize", "--size", "-3"], "argument --size: expected a positive integer, got '-3'"),
@@ -249,8 +257,7 @@ def test_cli_synthesize_options_are_synthesizes():
     assert command.options(args) == {"size": optimize.DEFAULT_SIZE, "steps": optimize.DEFAULT_STEPS, "seed": 0,
                                      "objective": "channel"}                  # regularizers: the objective's default
     args = parser.parse_args(["visualize", "--synthesize", "--synthesis-regularizers", "none"])
-    assert command.options(args, "synthesis-") == {"steps": optimize.DEFAULT_STEPS, "seed": 0, "objective": "channel",
-                                                   "regularizers": []}        # size: the images'
+    assert command.options(args, "synthesis-") == {"regularizers": []}      # the others: visualize's defaults
     assert command.regularizer_names("decay, blur,decay") == ["decay", "blur"]
     assert set(regularizers.names()) == set(regularizers.REGULARIZERS)
 

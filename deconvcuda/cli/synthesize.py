@@ -42,22 +42,25 @@ def regularizer_names(text: str) -> List[str]:
 
 
 def add_options(parser: argparse.ArgumentParser, prefix: str = "", size_help: Optional[str] = None) -> None:
-    """``--size``, ``--steps``, ``--seed``, ``--objective`` and ``--regularizers`` (each with ``prefix``
-    after the dashes), the options of ``deconvcuda.synthesize``. size_help: where the default size is
-    not synthesize's, what it is (the default is then None)."""
+    """``--size``, ``--steps``, ``--seed``, ``--objective`` and ``--regularizers``, the options of
+    ``deconvcuda.synthesize``. With a ``prefix`` (after the dashes) they belong to another command
+    and default to None, so that :func:`options` holds only those given. size_help: where the default
+    size is not synthesize's, what it is."""
     from ..synthesis import optimize, regularizers
+
+    def default(value):
+        return None if prefix else value
 
     group = parser.add_argument_group(
         "optimized images" + (" (with --synthesize)" if prefix else ""),
         "how deconvcuda.synthesize makes each channel's image (docs/synthesize.md)")
-    group.add_argument(f"--{prefix}size", type=common.positive, metavar="PIXELS",
-                       default=None if size_help else optimize.DEFAULT_SIZE,
+    group.add_argument(f"--{prefix}size", type=common.positive, default=default(optimize.DEFAULT_SIZE), metavar="PIXELS",
                        help=f"the images' side (default {size_help or optimize.DEFAULT_SIZE})")
-    group.add_argument(f"--{prefix}steps", type=common.positive, default=optimize.DEFAULT_STEPS, metavar="N",
+    group.add_argument(f"--{prefix}steps", type=common.positive, default=default(optimize.DEFAULT_STEPS), metavar="N",
                        help=f"optimisation steps (default {optimize.DEFAULT_STEPS})")
-    group.add_argument(f"--{prefix}seed", type=int, default=0, metavar="N",
+    group.add_argument(f"--{prefix}seed", type=int, default=default(0), metavar="N",
                        help="the random start and transforms: the same seed gives the same images (default 0)")
-    group.add_argument(f"--{prefix}objective", choices=optimize.OBJECTIVES, default=optimize.OBJECTIVES[0],
+    group.add_argument(f"--{prefix}objective", choices=optimize.OBJECTIVES, default=default(optimize.OBJECTIVES[0]),
                        help="what is driven up: channel (the mean of the channel's map, default) or neuron (the "
                             "unit at its centre)")
     defaults = "; ".join(f"{objective}: {','.join(item.name for item in chosen)}"
@@ -69,7 +72,7 @@ def add_options(parser: argparse.ArgumentParser, prefix: str = "", size_help: Op
 
 def options(args, prefix: str = "") -> Dict[str, object]:
     """The keyword arguments of ``deconvcuda.synthesize`` that :func:`add_options`'s options hold
-    (those left at None out, so that the callee's defaults apply)."""
+    (those at None left out, so that the callee's defaults apply)."""
     given = {name: getattr(args, (prefix + name).replace("-", "_"))
              for name in ("size", "steps", "seed", "objective", "regularizers")}
     return {name: value for name, value in given.items() if value is not None}

@@ -17,7 +17,7 @@ import sys
 import torch
 
 from . import common
-from .common import PROG
+from .common import PROG, UsageError
 from .synthesize import add_options as add_synthesis_options, options as synthesis_options
 
 HELP = "write the paper's top-k figures of some layers to a folder with an index.html"
@@ -84,6 +84,10 @@ def _visualize(args, device: torch.device, rank: int, world: int) -> int:
     layers = args.layers or models.default_layers(model)
     common.check_layers(model, layers)
     images = common.open_images(args, model)
+    synthesis = synthesis_options(args, "synthesis-")
+    if synthesis and not args.synthesize:
+        raise UsageError(f"--synthesis-{next(iter(synthesis))}: the --synthesis-* options set how the optimized images "
+                         "are made; add --synthesize to draw them")
     if isinstance(args.channels, list):
         common.check_channels(model, (3, args.image_size, args.image_size), layers, args.channels, "visualize")
 
@@ -95,7 +99,7 @@ def _visualize(args, device: torch.device, rank: int, world: int) -> int:
                        rule=args.rule, contrast=args.contrast, out=args.out, image_names=images.names,
                        preprocessing=model.preprocessing, batch_size=args.batch_size, device=device, seed=args.seed,
                        lrn=args.lrn, backend=args.backend, strict=args.strict,
-                       synthesize=synthesis_options(args, "synthesis-") if args.synthesize else False,
+                       synthesize=synthesis if args.synthesize else False,
                        progress=not args.no_progress,
                        model_name=args.model,
                        weights=common.weights_description(args.model, args.weights), data_name=images.describe)
