@@ -5,7 +5,9 @@ deadline, a TCP rendezvous on a free port of 127.0.0.1 only. Each runs every sce
 saves what it got; the test process compares each rank's result with one process's, bit for bit
 (float64 data), and checks which images each rank read. The CLI: ``python -m torch.distributed.run
 --nproc_per_node=2 -m deconvcuda visualize`` against ``deconvcuda visualize`` in one process: the
-same PNG files, byte for byte, written once, each process having scanned half of the images.
+same PNG files, byte for byte, written once, each process having scanned half of the images (with
+``--synthesize``, the optimized images too); ``deconvcuda synthesize`` likewise, its batches of
+channels shared by the processes.
 """
 from __future__ import annotations
 
@@ -216,34 +218,65 @@ def gallery(directory: Path) -> dict:
     return {path.relative_to(directory).as_posix(): path.read_bytes() for path in sorted(directory.rglob("*.png"))}
 
 
-def test_cli_under_torchrun_writes_the_gallery_of_one_process(folder, tmp_path, capsys):
-    arguments = ["visualize", "--no-progress", "--device", "cpu", "--model", "zfnet", "--images", str(folder),
-                 "--layers", "features.1,5", "--channels", "0-2", "--top", "3", "--image-size", "48",
-                 "--batch-size", "5"]
-    shared = tmp_path / "shared"
+def under_torchrun(arguments, out: Path) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node=2 -m deconvcuda ARGUMENTS --out OUT``, which must succeed."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", "-m", "deconvcuda", *arguments, "--out", str(shared)]
-    # one thread per process, as torchrun sets; the one-process run below gets the same
+               f"--master_port={free_port()}", "-m", "deconvcuda", *arguments, "--out", str(out)]
+    # one thread per process, as torchrun sets; in_one_process gets the same
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     finished = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=DEADLINE)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert finished.stdout.count("wrote 6 figures of 2 layers") == 1, finished.stdout
-    assert "in 2 processes, 10 images" in finished.stderr
-    assert "scanned 10 images (5 + 5 by the 2 processes)" in finished.stderr, finished.stderr[-3000:]
+    return finished
 
+
+def in_one_process(arguments, out: Path) -> None:
+    """The same command in this process, on one thread as each torchrun process."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        alone = tmp_path / "alone"
-        assert cli.main([*arguments, "--out", str(alone)]) == 0
+        assert cli.main([*arguments, "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("synthesize", [[], ["--synthesize", "--synthesis-steps", "2"]], ids=["", "synthesize"])
+def test_cli_under_torchrun_writes_the_gallery_of_one_process(folder, tmp_path, capsys, synthesize):
+    """With --synthesize each process optimises one layer's images; the figures are one process's."""
+    arguments = ["visualize", "--no-progress", "--device", "cpu", "--model", "zfnet", "--images", str(folder),
+                 "--layers", "features.1,5", "--channels", "0-2", "--top", "3", "--image-size", "48",
+                 "--batch-size", "5", *synthesize]
+    shared, alone = tmp_path / "shared", tmp_path / "alone"
+    finished = under_torchrun(arguments, shared)
+    assert finished.stdout.count("wrote 6 figures of 2 layers") == 1, finished.stdout
+    assert "in 2 processes, 10 images" in finished.stderr
+    assert "scanned 10 images (5 + 5 by the 2 processes)" in finished.stderr, finished.stderr[-3000:]
+    in_one_process(arguments, alone)
     assert "scanned 10 images\n" in capsys.readouterr().err
     expected = gallery(alone)
-    assert len(expected) == 2 * 3 + 2, "3 channels of 2 layers and 2 overviews"
+    assert len(expected) == 2 * 3 * (2 if synthesize else 1) + 2, "3 channels of 2 layers (their optimized images) " \
+                                                                  "and 2 overviews"
     got = gallery(shared)
     assert sorted(got) == sorted(expected)
     different = [name for name in expected if got[name] != expected[name]]
     assert not different, f"these PNGs differ from one process's: {different}"
     captions = [line for line in (shared / "index.html").read_text().splitlines() if "activations:" in line]
     assert captions == [line for line in (alone / "index.html").read_text().splitlines() if "activations:" in line]
+
+
+def test_cli_synthesize_under_torchrun_shares_the_batches(tmp_path, capsys):
+    """Batch i of --batch-size channels is optimised by process i % 2; rank 0 writes one process's grid."""
+    arguments = ["synthesize", "--no-progress", "--device", "cpu", "--model", "zfnet", "--layer", "features.1",
+                 "--channels", "0-4", "--size", "48", "--steps", "2", "--batch-size", "2"]
+    shared, alone = tmp_path / "shared", tmp_path / "alone"
+    finished = under_torchrun(arguments, shared)
+    assert finished.stdout.count("wrote 1 synthesize figure(s)") == 1, finished.stdout
+    assert "(zfnet on cpu in 2 processes), 5 channels" in finished.stderr, finished.stderr[-3000:]
+    in_one_process(arguments, alone)
+    assert "(zfnet on cpu), 5 channels" in capsys.readouterr().err
+
+    def pixels(folder: Path) -> np.ndarray:
+        with Image.open(folder / "synthesize" / "features.1.png") as image:
+            return np.asarray(image.convert("RGB"))
+
+    np.testing.assert_array_equal(pixels(shared), pixels(alone))
+    assert sorted(gallery(shared)) == ["synthesize/features.1.png"]

@@ -7,6 +7,7 @@
     deconvcuda occlusion / invariance / evolution ...      # the paper's Sec. 4 experiments, into the same gallery
     deconvcuda sanity --layer features.28                  # Adebayo et al.'s sanity check of the rules, likewise
     deconvcuda gradcam --model resnet18 --weights W.pth    # a classifier's Grad-CAM and guided Grad-CAM, likewise
+    deconvcuda synthesize --layer features.29 --channels 0-15   # each channel's optimized image, likewise
 
 Exit status: 0 on success, 2 for usage errors (a bad option, a missing file or directory, an unknown
 layer or channel, a weights file that does not fit the model), 1 when the work itself fails, 130
@@ -15,7 +16,7 @@ when interrupted.
 The package: :mod:`.common` holds what every command shares (option parsers, the common options,
 the device, the model, the images, warnings, :class:`UsageError`); :mod:`.analysis` what the
 analyses share; each command is one module: ``visualize``, ``layers``, ``occlusion``,
-``invariance``, ``evolution``, ``sanity``, ``gradcam``.
+``invariance``, ``evolution``, ``sanity``, ``gradcam``, ``synthesize``.
 
 Adding a command: write ``deconvcuda/cli/NAME.py`` with ``HELP`` (a line for ``deconvcuda --help``),
 ``add_parser(commands)`` (``commands.add_parser(NAME, help=HELP, ...)``, the options from
@@ -39,7 +40,7 @@ from .common import (PROG, UsageError, parse_channels, parse_layers, parse_rules
 __all__ = ["main", "COMMANDS", "UsageError", "parse_channels", "parse_layers", "parse_rules", "weights_description"]
 
 #: The commands, in the order ``deconvcuda --help`` lists them: each the name of its module in this package.
-COMMANDS = ("visualize", "layers", "occlusion", "invariance", "evolution", "sanity", "gradcam")
+COMMANDS = ("visualize", "layers", "occlusion", "invariance", "evolution", "sanity", "gradcam", "synthesize")
 
 
 def commands() -> Dict[str, ModuleType]:

@@ -16,13 +16,13 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 __all__ = ["PROG", "UsageError", "parse_channels", "parse_layers", "parse_rules", "positive", "count_or_all",
            "add_model_options", "add_image_options", "add_run_options", "device", "torchrun", "build_model",
-           "check_layers", "Images", "open_images", "weights_description", "warnings_as_messages"]
+           "check_layers", "check_channels", "Images", "open_images", "weights_description", "warnings_as_messages"]
 
 PROG = "deconvcuda"
 #: The square the images are resized and centre-cropped to, unless --image-size says otherwise.
@@ -216,6 +216,26 @@ def check_layers(model: torch.nn.Module, layers: Sequence[str], option: str = "-
     if unknown:
         shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
         raise UsageError(f"{option}: unknown layer(s) {', '.join(unknown)}; the model's layers are: {shown}")
+
+
+def check_channels(model: torch.nn.Module, image_shape: Tuple[int, int, int], layers: Sequence[str],
+                   channels: Sequence[int], command: str) -> Dict[str, int]:
+    """{layer: how many channels it has} (a map's channels, a token layer's features, a flat layer's
+    units) for images of ``image_shape``, from the graph's shapes (nothing is run); a UsageError where
+    one of ``channels`` (``--channels``) is missing from a layer. A ValueError where the images do
+    not fit the model."""
+    from ..engine import channel_count
+    from ..forward import LayerForward
+
+    shapes = LayerForward(model, list(layers), f"{PROG} {command}").shapes(image_shape)
+    counts = {}
+    for layer in layers:
+        count = counts[layer] = channel_count(shapes[layer])
+        bad = [c for c in channels if c >= count]
+        if bad:
+            raise UsageError(f"--channels: layer {layer} has {count} channels (0..{count - 1}), "
+                             f"so {', '.join(map(str, bad[:10]))} do not exist")
+    return counts
 
 
 def weights_description(model: str, weights: Optional[str]) -> str:

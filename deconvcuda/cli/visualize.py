@@ -1,6 +1,7 @@
 """``deconvcuda visualize``: the paper's top-k figures of some layers, into a folder with an index.html.
 
     deconvcuda visualize --model alexnet --weights alexnet.pth --images photos/ --layers features.4,11
+    deconvcuda visualize --synthesize --synthesis-steps 128     # and each channel's optimized image beside them
     python -m torch.distributed.run --nproc_per_node=8 -m deconvcuda visualize ...   # 8 processes share the work
 
 The images stream: a folder (or a list of files) is read batch by batch by the scan's worker
@@ -17,6 +18,7 @@ import torch
 
 from . import common
 from .common import PROG, UsageError
+from .synthesize import add_options as add_synthesis_options, options as synthesis_options
 
 HELP = "write the paper's top-k figures of some layers to a folder with an index.html"
 
@@ -59,6 +61,11 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--strict", action="store_true",
                         help="refuse every op outside the paper's reverse operations instead of taking its exact "
                              "gradient (SiLU, GELU, attention, ...)")
+    parser.add_argument("--synthesize", action="store_true",
+                        help="put beside each channel's grids its optimized image, the image deconvcuda.synthesize "
+                             "makes to drive the channel up, in batches of --batch-size channels (the --synthesis-* "
+                             "options below)")
+    add_synthesis_options(parser, "synthesis-", size_help="--image-size")
     return parser
 
 
@@ -77,8 +84,12 @@ def _visualize(args, device: torch.device, rank: int, world: int) -> int:
     layers = args.layers or models.default_layers(model)
     common.check_layers(model, layers)
     images = common.open_images(args, model)
+    synthesis = synthesis_options(args, "synthesis-")
+    if synthesis and not args.synthesize:
+        raise UsageError(f"--synthesis-{next(iter(synthesis))}: the --synthesis-* options set how the optimized images "
+                         "are made; add --synthesize to draw them")
     if isinstance(args.channels, list):
-        _check_channels(model, (3, args.image_size, args.image_size), layers, args.channels)
+        common.check_channels(model, (3, args.image_size, args.image_size), layers, args.channels, "visualize")
 
     processes = f" in {world} processes" if world > 1 else ""
     if rank == 0:
@@ -87,7 +98,9 @@ def _visualize(args, device: torch.device, rank: int, world: int) -> int:
     result = visualize(model, images.data, layers, channels=args.channels, max_channels=args.max_channels, k=args.top,
                        rule=args.rule, contrast=args.contrast, out=args.out, image_names=images.names,
                        preprocessing=model.preprocessing, batch_size=args.batch_size, device=device, seed=args.seed,
-                       lrn=args.lrn, backend=args.backend, strict=args.strict, progress=not args.no_progress,
+                       lrn=args.lrn, backend=args.backend, strict=args.strict,
+                       synthesize=synthesis if args.synthesize else False,
+                       progress=not args.no_progress,
                        model_name=args.model,
                        weights=common.weights_description(args.model, args.weights), data_name=images.describe)
     if rank == 0:
@@ -96,19 +109,3 @@ def _visualize(args, device: torch.device, rank: int, world: int) -> int:
         print(f"wrote {len(result.figures)} figures of {len(result.layers)} layers to "
               f"{os.path.join(str(result.out), '')}; open {result.index}")
     return 0
-
-
-def _check_channels(model: torch.nn.Module, image_shape, layers, channels) -> None:
-    """A UsageError where a channel of --channels is missing from a layer; from the graph's shapes,
-    nothing is run."""
-    from ..engine import channel_count
-    from ..forward import LayerForward
-
-    caller = f"{PROG} visualize"
-    shapes = LayerForward(model, list(layers), caller).shapes(image_shape)
-    for layer in layers:
-        count = channel_count(shapes[layer])  # channels, units of a flat layer, features of tokens
-        bad = [c for c in channels if c >= count]
-        if bad:
-            raise UsageError(f"--channels: layer {layer} has {count} channels (0..{count - 1}), "
-                             f"so {', '.join(map(str, bad[:10]))} do not exist")

@@ -7,13 +7,14 @@ The parts, one job each:
 
 - :mod:`.render`: tensors to pictures (projections and image patches to RGB, grids, the channel
   figure, the overview); pure functions, no model.
-- :mod:`.plots`: the analyses' figures (occlusion, invariance, evolution), drawn with matplotlib.
+- :mod:`.plots`: the analyses' figures (occlusion, invariance, evolution, the sanity check, Grad-CAM,
+  optimized images), drawn with matplotlib.
 - :mod:`.gallery`: the output folder (its manifest, so each run removes what the previous wrote) and
   ``index.html``: ``visualize``'s page, and one section per other command.
-- :mod:`.visualization`: ``visualize``, in stages (validation, scan, planning, projections shared
-  by the ranks, drawing, the page); :mod:`.records`: what it returns.
+- :mod:`.visualization`: ``visualize``, in stages (validation, scan, planning, optimized images and
+  projections shared by the ranks, drawing, the page); :mod:`.records`: what it returns.
 
-Adding a gallery section (for a new command, e.g. ``deconvcuda synthesize``): draw its PNGs under
+Adding a gallery section (for a new command): draw its PNGs under
 ``out/<key>/`` (``render.save_png`` for arrays, a function in :mod:`.plots` for a matplotlib figure),
 call ``gallery.clear_previous(out, key)`` before writing them and ``gallery.add_to_gallery(out, key,
 title, body, files, header)`` after, ``body`` being HTML made of ``gallery.figure_html(path, out,

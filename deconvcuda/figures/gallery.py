@@ -157,14 +157,20 @@ def _channel_anchor(number: int, channel: int) -> str:
     return f"layer-{number}-channel-{channel}"
 
 
-def _caption(figure: ChannelFigure, record: LayerFigures, k: int, images: Optional[int]) -> str:
-    """The channel's title and a table of its activations, each with its unit."""
+def _caption(figure: ChannelFigure, record: LayerFigures, k: int, images: Optional[int], out: Path,
+             optimized: Optional[str] = None) -> str:
+    """The channel's title, what its optimized image reaches (``optimized``: what that value is, where
+    the figure has one) and a table of its activations, each with its unit."""
     title = f"<b>{html.escape(figure.layer)} &middot; channel {figure.channel}</b>"
     count = len(figure.values)
     if count < k:
         among = f" of the {images} images" if images is not None else ""
         title += (f'<br><span class="few">only {count}{among} activate{"s" * (count == 1)} this channel '
                   f"(an activation &gt; 0), so {count} of the {k} cells are filled</span>")
+    if optimized is not None and figure.optimized_value is not None:
+        alone = html.escape(_relative(figure.optimized, out))
+        title += (f'<br><span class="optimized">optimized image (right; <a href="{alone}">alone</a>): '
+                  f"{html.escape(optimized)} reaches {figure.optimized_value:.4g} there</span>")
     map_text = ("&times;".join(str(v) for v in record.map_size) + " map") if record.map_size else "output"
     rows = []
     for rank, (value, name, (y, x), (top, left, bottom, right)) in enumerate(
@@ -177,7 +183,8 @@ def _caption(figure: ChannelFigure, record: LayerFigures, k: int, images: Option
     return title + table
 
 
-def _layer_section(number: int, record: LayerFigures, count: int, out: Path, k: int, images: Optional[int]) -> str:
+def _layer_section(number: int, record: LayerFigures, count: int, out: Path, k: int, images: Optional[int],
+                   optimized: Optional[str] = None) -> str:
     anchor = _layer_anchor(number)
     links = ['<a href="#top">top</a>']
     if number > 0:
@@ -193,7 +200,9 @@ def _layer_section(number: int, record: LayerFigures, count: int, out: Path, k: 
              + (f", neighbouring positions {record.stride[0]} pixel{'s' * (record.stride[0] != 1)} apart"
                 if any(record.stride) else "")
              + f". Time: top-{k} scan {record.seconds.get('top_activations', 0):.1f} s, projections "
-             f"{record.seconds.get('project', 0):.1f} s, drawing {record.seconds.get('draw', 0):.1f} s.</p>"]
+             f"{record.seconds.get('project', 0):.1f} s, drawing {record.seconds.get('draw', 0):.1f} s"
+             + (f", optimized images {record.seconds['synthesize']:.1f} s" if "synthesize" in record.seconds else "")
+             + ".</p>"]
     drawn = len(record.channels)
     parts.append(f'<p class="about">Drawn: {drawn} channel{"s" * (drawn != 1)}'
                  + (f" ({_channel_list(record.channels)})" if drawn else "") + ".</p>")
@@ -215,7 +224,7 @@ def _layer_section(number: int, record: LayerFigures, count: int, out: Path, k: 
         parts.append(f'<figure class="channel" id="{_channel_anchor(number, figure.channel)}">'
                      f'<img src="{html.escape(_relative(figure.path, out))}" '
                      f'alt="{html.escape(figure.layer)} channel {figure.channel}">'
-                     f"<figcaption>{_caption(figure, record, k, images)}</figcaption></figure>")
+                     f"<figcaption>{_caption(figure, record, k, images, out, optimized)}</figcaption></figure>")
     parts.append("</div></section>")
     return "\n".join(parts)
 
@@ -226,9 +235,11 @@ def _section_anchor(section: Section, number: int) -> str:
 
 
 def index_html(title: str, header: Rows, records: Sequence[LayerFigures], out: Path, rules: Sequence[str], k: int,
-               images: Optional[int], sections: Sequence[Section] = ()) -> str:
+               images: Optional[int], sections: Sequence[Section] = (), optimized: Optional[str] = None) -> str:
     """``visualize``'s page: ``header`` rows (then :func:`run_details`), how to read the figures, one
-    section per layer record, and the extra ``sections``. images: how many the scan read (for captions)."""
+    section per layer record, and the extra ``sections``. images: how many the scan read (for captions).
+    optimized: where the figures end in an optimized image, what the value in its caption is (e.g.
+    "the mean of the channel's map")."""
     nav = [f'<a href="#{_layer_anchor(number)}">{html.escape(record.layer)}</a>' for number, record in enumerate(records)]
     extra_nav, extra = [], []
     for number, section in enumerate(sections):
@@ -240,7 +251,10 @@ def index_html(title: str, header: Rows, records: Sequence[LayerFigures], out: P
     how = (f"Per channel, its {k} strongest activations over the images (at most one per image, strongest "
            f"first, row by row), projected back to pixel space: one grid per rule ({grids}), then the "
            "image patches they came from, each the activation's receptive field, with the region holding "
-           f"{OUTLINE_SHARE:.0%} of the {html.escape(rules[0])} projection outlined in yellow. Light gray in a "
+           f"{OUTLINE_SHARE:.0%} of the {html.escape(rules[0])} projection outlined in yellow"
+           + ("; then the channel's <i>optimized image</i>, an input made to drive the channel up "
+              "(<code>deconvcuda.synthesize</code>, as the header says), not a photo" if optimized else "")
+           + ". Light gray in a "
            "patch is outside the image. Gray in a projection is zero. In each caption: <i>activation</i> is the "
            "layer's output value (after the layer: only values &gt; 0 are drawn); <i>(y, x)</i> is its position "
            "in the layer's output map, in map cells; the last column is the receptive field in input pixels "
@@ -251,7 +265,7 @@ def index_html(title: str, header: Rows, records: Sequence[LayerFigures], out: P
         how=how,
         nav=" &middot; ".join(nav),
         extra_nav=(" &middot; More: " + " &middot; ".join(extra_nav)) if extra_nav else "",
-        sections="\n".join(_layer_section(number, record, len(records), out, k, images)
+        sections="\n".join(_layer_section(number, record, len(records), out, k, images, optimized)
                            for number, record in enumerate(records)) + "\n" + "\n".join(extra))
 
 

@@ -17,7 +17,7 @@ import math
 import os
 import textwrap
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Tuple, Union
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -38,6 +38,11 @@ def new_figure(width: float, height: float):
         raise ModuleNotFoundError("deconvcuda.figures: the analyses' figures are drawn with matplotlib; install it with "
                                   "`pip install matplotlib`") from None
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def title_lines(title: str, inches: float) -> List[str]:
+    """``title`` wrapped into lines that fit a figure ``inches`` wide in 9-point type."""
+    return textwrap.wrap(title, width=max(12, int(inches * TITLE_CHARACTERS_PER_INCH)))
 
 
 def save_figure(figure, path: PathLike) -> Path:
@@ -252,7 +257,7 @@ def sanity_figure(path: PathLike, table, *, channel_order: str = "RGB",
     title = title or (f"cascading randomization down to the input: each column re-initialises one more layer; "
                       f"{table.layer} channel {neuron[1]} at ({neuron[2]}, {neuron[3]}) of the first image, "
                       f"projected; ρ, SSIM: means over {table.neurons.shape[0]} images")
-    lines = textwrap.wrap(title, width=max(30, int(width * TITLE_CHARACTERS_PER_INCH)))
+    lines = title_lines(title, width)
     figure = new_figure(width, SANITY_CELL_INCHES * rules + 0.75 + 0.15 * len(lines))
     axes = figure.subplots(rules, columns, squeeze=False)
     for row, rule in enumerate(table.rules):
@@ -306,7 +311,7 @@ def gradcam_figure(path: PathLike, image: torch.Tensor, cam: torch.Tensor, guide
         panel.set_xticks([])
         panel.set_yticks([])
     if title:
-        lines = textwrap.wrap(title, width=int(3 * GRADCAM_PANEL_INCHES * TITLE_CHARACTERS_PER_INCH))
+        lines = title_lines(title, 3 * GRADCAM_PANEL_INCHES)
         figure.suptitle("\n".join(lines), fontsize=9)
     return save_figure(figure, path)
 
@@ -333,7 +338,9 @@ def synthesis_figure(path: PathLike, images: torch.Tensor, labels: Optional[Sequ
     if not isinstance(columns, int) or columns < 1:
         raise ValueError(f"synthesis_figure: columns must be a positive int, got {columns!r}")
     rows = math.ceil(count / columns)
-    figure = new_figure(cell_inches * columns, (cell_inches + 0.3) * rows + (0.3 if title else 0.0))
+    lines = title_lines(title, cell_inches * columns) if title else []
+    title_inches = 0.15 + 0.15 * len(lines) if lines else 0.0
+    figure = new_figure(cell_inches * columns, (cell_inches + 0.3) * rows + title_inches)
     axes = figure.subplots(rows, columns, squeeze=False)
     for i in range(rows * columns):
         cell = axes[i // columns][i % columns]
@@ -343,6 +350,6 @@ def synthesis_figure(path: PathLike, images: torch.Tensor, labels: Optional[Sequ
         cell.imshow(hwc(images[i]), interpolation="antialiased")
         text = labels[i] if values is None else f"{labels[i]}\n{values[i].item():.3g}"
         cell.set_title(text, fontsize=8)
-    if title:
-        figure.suptitle(title, fontsize=10)
+    if lines:
+        figure.suptitle("\n".join(lines), fontsize=9)
     return save_figure(figure, path)

@@ -14,13 +14,15 @@ class ChannelFigure:
 
     layer: str
     channel: int
-    path: Path                              # the PNG: projections (one grid per rule), then image patches
+    path: Path                              # the PNG: a grid of projections per rule, the patches (, optimized image)
     values: List[float]                     # the activations, all > 0; fewer than k where fewer images fire
     image_index: List[int]                  # positions in the dataset
     image_names: List[str]
     positions: List[Tuple[int, int]]        # (y, x) in the layer's output map
     boxes: List[Tuple[int, int, int, int]]  # (top, left, bottom, right) input-pixel boxes, unclipped
     rules: List[str] = field(default_factory=lambda: ["deconvnet"])
+    optimized: Optional[Path] = None        # the optimized image's own PNG (visualize(synthesize=...)), else None
+    optimized_value: Optional[float] = None  # the objective synthesize maximised, as the optimized image reaches it
 
 
 @dataclass
@@ -33,7 +35,7 @@ class LayerFigures:
     receptive_field: Tuple[int, int]        # (height, width) in input pixels
     overview: Optional[Path]
     figures: List[ChannelFigure] = field(default_factory=list)
-    seconds: Dict[str, float] = field(default_factory=dict)  # "top_activations", "project", "draw"
+    seconds: Dict[str, float] = field(default_factory=dict)  # "top_activations", "project", "draw" (, "synthesize")
     silent: List[int] = field(default_factory=list)          # channels with no activation > 0 in the data
     map_size: Tuple[int, ...] = ()                           # (H, W) of the output map; () for a flat layer
     stride: Tuple[int, int] = (0, 0)                         # input pixels between neighbouring fields

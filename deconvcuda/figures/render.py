@@ -3,6 +3,7 @@
     rgb = projections_to_rgb(projections, channel_order="BGR")      # [P, 3, h, w] in [0, 1], zero at mid-gray
     cells = patches_to_rgb(patches, model.preprocessing, inside)     # the image patches, outside the image gray
     picture = channel_figure([deconvnet, guided], cells, k=9, titles=[...], outlines=support_mask(deconvnet))
+    picture = channel_figure(..., optimized=image)                  # and the image synthesize made, as tall
     save_png(picture, path)
 
 Display (``contrast="robust"``, the default): per projection, the colour cast (each colour channel's
@@ -20,8 +21,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ["projections_to_rgb", "patches_to_rgb", "support_mask", "grid", "channel_figure", "overview", "save_png",
-           "check_contrast", "CONTRASTS"]
+__all__ = ["projections_to_rgb", "patches_to_rgb", "support_mask", "grid", "channel_figure", "overview", "rgb_pixels",
+           "save_png", "check_contrast", "CONTRASTS"]
 
 #: How projections are turned into gray levels: see :func:`projections_to_rgb`.
 CONTRASTS = ("robust", "max")
@@ -161,7 +162,7 @@ def grid(cells: torch.Tensor, count: int, columns: int, scale: int = 1,
     ch, cw = h * scale, w * scale
     canvas = np.full((rows * ch + (rows + 1) * CELL_GAP, columns * cw + (columns + 1) * CELL_GAP, 3),
                      BACKGROUND, dtype=np.uint8)
-    pixels = (cells.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = rgb_pixels(cells)
     masks = outlines.cpu().numpy() if outlines is not None else None
     thickness = max(1, round(max(ch, cw) / 150))
     for i in range(min(n, count)):
@@ -184,11 +185,12 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _with_titles(parts: Sequence[np.ndarray], titles: Sequence[str]) -> np.ndarray:
-    """Images of equal height side by side, GRID_GAP apart, each under its title."""
+def _with_titles(parts: Sequence[np.ndarray], titles: Sequence[str], narrowest: int) -> np.ndarray:
+    """Images of equal height side by side, GRID_GAP apart, each under its title (in letters sized
+    for ``narrowest`` pixels of width)."""
     from PIL import Image, ImageDraw
 
-    size = int(min(28, max(12, min(part.shape[1] for part in parts) / 14)))
+    size = int(min(28, max(12, narrowest / 14)))
     font = _font(size)
     band = size + size // 2 + 2
     height = parts[0].shape[0] + band
@@ -203,21 +205,50 @@ def _with_titles(parts: Sequence[np.ndarray], titles: Sequence[str]) -> np.ndarr
     return np.asarray(canvas)
 
 
+def rgb_pixels(image: torch.Tensor) -> np.ndarray:
+    """[..., 3, h, w] RGB in [0, 1] -> [..., h, w, 3] uint8 (rounded), as :func:`save_png` writes it."""
+    return (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1).numpy()
+
+
+def _panel(image: torch.Tensor, height: int) -> np.ndarray:
+    """[3, h, w] in [0, 1] -> an [height, ., 3] uint8 panel: the image resized (Lanczos) to fill it
+    inside a CELL_GAP border, so that it lines up with the cells of a grid ``height`` pixels tall."""
+    from PIL import Image
+
+    inner = max(1, height - 2 * CELL_GAP)
+    h, w = image.shape[-2:]
+    width = max(1, round(w * inner / h))
+    resized = np.asarray(Image.fromarray(rgb_pixels(image)).resize((width, inner), Image.LANCZOS))
+    canvas = np.full((height, width + 2 * CELL_GAP, 3), BACKGROUND, dtype=np.uint8)
+    canvas[CELL_GAP:CELL_GAP + inner, CELL_GAP:CELL_GAP + width] = resized
+    return canvas
+
+
 def channel_figure(projections: Union[torch.Tensor, Sequence[torch.Tensor]], patches: torch.Tensor, k: int, *,
-                   titles: Optional[Sequence[str]] = None, outlines: Optional[torch.Tensor] = None) -> np.ndarray:
+                   titles: Optional[Sequence[str]] = None, outlines: Optional[torch.Tensor] = None,
+                   optimized: Optional[torch.Tensor] = None) -> np.ndarray:
     """The figure of one channel: one grid of projections per rule (``projections``: a tensor, or a list
     with one per rule), then the grid of image ``patches`` (all [n <= k, 3, h, w] in [0, 1]),
-    ``ceil(sqrt(k))`` columns each: 3x3 for the paper's k = 9. ``titles``: one per grid (the rules,
-    then the patches), drawn above them. ``outlines``: bool [n, h, w] drawn on the patches."""
+    ``ceil(sqrt(k))`` columns each: 3x3 for the paper's k = 9; then, where given, the ``optimized``
+    image ([3, h, w] in [0, 1], e.g. from ``synthesize``) as tall as the grids. ``titles``: one per
+    panel (the rules, the patches, the optimized image), drawn above them. ``outlines``: bool [n, h, w]
+    drawn on the patches. The grids are drawn alike with or without the optimized image."""
     if isinstance(projections, torch.Tensor):
         projections = [projections]
     columns = max(1, math.ceil(math.sqrt(k)))
     scale = _upscale_factor(patches.shape[2], patches.shape[3])
     parts = [grid(p, k, columns, scale) for p in projections] + [grid(patches, k, columns, scale, outlines)]
+    narrowest = min(part.shape[1] for part in parts)
+    if optimized is not None:
+        if not isinstance(optimized, torch.Tensor) or optimized.dim() != 3 or optimized.shape[0] != 3:
+            given = list(optimized.shape) if isinstance(optimized, torch.Tensor) else type(optimized).__name__
+            raise ValueError(f"channel_figure: optimized must be an RGB image [3, h, w] in [0, 1], got {given}")
+        parts.append(_panel(optimized, parts[0].shape[0]))
     if titles is not None:
         if len(titles) != len(parts):
-            raise ValueError(f"channel_figure: {len(parts)} grids but {len(titles)} titles")
-        return _with_titles(parts, titles)
+            drawn = "panels (grids and the optimized image)" if optimized is not None else "grids"
+            raise ValueError(f"channel_figure: {len(parts)} {drawn} but {len(titles)} titles")
+        return _with_titles(parts, titles, narrowest)
     spacer = np.full((parts[0].shape[0], GRID_GAP, 3), BACKGROUND, dtype=np.uint8)
     pieces = [parts[0]]
     for part in parts[1:]:

@@ -12,14 +12,16 @@ they came from.
 2. scan: one streaming top-k pass over the data for all layers (``_scan_layers``);
 3. planning: per layer, which channels are drawn and which activations each shows, cut into chunks
    of channels, each layer's first chunk first (``_plan``);
+   with ``synthesize``: the image ``deconvcuda.synthesize`` makes for each drawn channel, each
+   layer's channels in batches, the batches shared by the ranks (``_synthesize_layers``);
 4. projections, shared by the ranks of a torch.distributed run: rounds of one chunk per rank, each
    ``project(..., neurons=..., rule=...)`` per rule on just the images those activations came from,
    gathered by index from the data, each projection and image patch cropped to the activation's
    receptive field (``_project_rounds``, ``_project_chunk``); a failure on one rank is raised on every
    rank (:func:`deconvcuda.distributed.share`);
 5. drawing, by rank 0: per channel one PNG, the projections of each rule side by side, then the image
-   patches with the projection's support outlined (``_draw_chunk``); per layer an overview PNG
-   (``_draw_overview``);
+   patches with the projection's support outlined, then the optimized image where there is one
+   (``_draw_chunk``); per layer an overview PNG (``_draw_overview``);
 6. HTML: ``index.html`` and the manifest of what was written, by rank 0, whose result (or error)
    every rank returns (``_write_gallery``).
 
@@ -44,6 +46,7 @@ from .. import rules as reverse_rules
 from ..describe import describe
 from ..distributed import process_group, share
 from ..progress import Progress, duration, is_terminal
+from ..synthesis import optimize
 from . import gallery, render
 from .records import ChannelFigure, LayerFigures, Visualization
 
@@ -61,6 +64,10 @@ PROJECTIONS_PER_CALL, IMAGES_PER_CALL = 96, 32
 PROBE_CHANNELS = 2
 #: A run whose projections are estimated to take longer than this (seconds) says so when it starts.
 LONG_RUN_SECONDS = 60.0
+#: The options of ``deconvcuda.synthesize`` that ``visualize(synthesize={...})`` passes on, and the
+#: title of the optimized image's panel in a channel's figure.
+SYNTHESIS_OPTIONS = ("size", "steps", "seed", "objective", "regularizers", "lr")
+OPTIMIZED_TITLE = "optimized image"
 
 DataName = Union[None, str, Callable[[int], str]]
 
@@ -71,7 +78,8 @@ def visualize(model: nn.Module, data, layers: Union[str, Sequence[str]], *,
               rule: Union[str, Sequence[str]] = "deconvnet", contrast: str = "robust",
               out: Union[str, os.PathLike] = "out", image_names: Optional[Sequence[str]] = None,
               preprocessing=None, batch_size: int = 32, device=None, seed: str = "value",
-              lrn: str = "gradient", backend: str = "auto", strict: bool = False, progress: bool = True,
+              lrn: str = "gradient", backend: str = "auto", strict: bool = False,
+              synthesize: Union[bool, Mapping[str, object]] = False, progress: bool = True,
               model_name: Optional[str] = None, weights: Optional[str] = None, data_name: DataName = None,
               sections: Sequence[gallery.Section] = ()) -> Visualization:
     """Write the paper's figure for each of ``layers`` and channel to ``out/``, and ``out/index.html``.
@@ -93,7 +101,15 @@ def visualize(model: nn.Module, data, layers: Union[str, Sequence[str]], *,
     there is one). preprocessing: a ``deconvcuda.models.Preprocessing`` that turns model input back into
     pixels (default ``model.preprocessing`` where the model has one, else each patch is stretched to
     its own range). device: where the work runs, default the model's device (the model must be there).
-    seed, lrn, backend, strict: as for ``deconvcuda.project``. progress: progress and a time estimate on stderr.
+    seed, lrn, backend, strict: as for ``deconvcuda.project``.
+    synthesize: True puts beside each channel's grids its optimized image, the image
+    ``deconvcuda.synthesize`` makes to drive the channel up (each layer's drawn channels in batches of
+    ``batch_size``, on ``device``, the pixels mapped by ``preprocessing``, at the side of the data's
+    images, synthesize's defaults otherwise); a dict of synthesize's options (``size``, ``steps``,
+    ``seed``, ``objective``, ``regularizers``, ``lr``) does so with them. Each optimized image is also
+    written alone, at its size, as ``<layer>/optimized_<channel>.png``. False (the default) draws the
+    figures without it.
+    progress: progress and a time estimate on stderr.
     model_name, weights, data_name: what the page's header says about the model, where its weights
     came from (e.g. "random weights" or a file) and the data (a str, or a function of the number of
     images the scan read that returns one). sections: extra :class:`Section` s (pages of other
@@ -107,13 +123,14 @@ def visualize(model: nn.Module, data, layers: Union[str, Sequence[str]], *,
     request = _Request(model=model, data=data, layers=layers, channels=channels, max_channels=max_channels, k=k,
                        rules=rule, contrast=contrast, out=out, image_names=image_names, preprocessing=preprocessing,
                        batch_size=batch_size, device=device, seed=seed, lrn=lrn, backend=backend, strict=strict,
-                       progress=progress,
+                       synthesize=synthesize, progress=progress,
                        model_name=model_name, weights=weights, data_name=data_name, sections=sections)
     if request.rank == 0:
         gallery.prepare_output(request.out)
     tops, scan_seconds = _scan_layers(request)
-    work, chunks = _plan(request, tops, scan_seconds)
-    drawing_error = _project_rounds(request, chunks)
+    work, chunks, sample = _plan(request, tops, scan_seconds)
+    optimized = _synthesize_layers(request, work, sample) if request.synthesis is not None else {}
+    drawing_error = _project_rounds(request, chunks, optimized)
     return _write_gallery(request, work, tops, drawing_error)
 
 
@@ -125,7 +142,8 @@ def visualize(model: nn.Module, data, layers: Union[str, Sequence[str]], *,
 class _Request:
     """``visualize``'s arguments, checked and completed when made: ``layers`` and ``rules`` as lists,
     ``out`` a Path, ``device`` the model's where None, ``preprocessing`` and ``image_names`` from the
-    model and the data where None, ``progress`` only on rank 0 of a torch.distributed run."""
+    model and the data where None, ``progress`` only on rank 0 of a torch.distributed run; ``synthesis``
+    the options ``synthesize`` asks to pass to ``deconvcuda.synthesize`` (None: no optimized images)."""
 
     model: nn.Module
     data: object
@@ -144,6 +162,7 @@ class _Request:
     lrn: str
     backend: str
     strict: bool
+    synthesize: object
     progress: bool
     model_name: Optional[str]
     weights: Optional[str]
@@ -151,6 +170,7 @@ class _Request:
     sections: Sequence[gallery.Section]
     rank: int = 0
     world: int = 1
+    synthesis: Optional[Dict[str, object]] = None
 
     def __post_init__(self):
         from ..scan import model_device
@@ -163,6 +183,7 @@ class _Request:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"visualize: k must be a positive int, got {self.k!r}")
         _check_channel_options(self.channels, self.max_channels)
+        self.synthesis = _synthesis_options(self.synthesize)
         if self.preprocessing is None:
             self.preprocessing = getattr(self.model, "preprocessing", None)
         on = model_device(self.model)
@@ -217,6 +238,25 @@ def _check_channel_options(channels, max_channels) -> None:
     if isinstance(channels, str) and channels != "all":
         raise ValueError(f"visualize: channels must be None, 'all', an int, a list of ints or {{layer: list}}, "
                          f"got {channels!r}")
+
+
+def _synthesis_options(synthesize) -> Optional[Dict[str, object]]:
+    """``synthesize`` as the options to pass to ``deconvcuda.synthesize`` (None for no optimized
+    images), checked now, before the scan, with synthesize's own checks."""
+    if synthesize is False:
+        return None
+    if synthesize is True:
+        return {}
+    if not isinstance(synthesize, Mapping):
+        raise TypeError(f"visualize: synthesize must be True, False or a dict of deconvcuda.synthesize's options "
+                        f"({', '.join(SYNTHESIS_OPTIONS)}), got {type(synthesize).__name__}")
+    unknown = [key for key in synthesize if key not in SYNTHESIS_OPTIONS]
+    if unknown:
+        raise ValueError(f"visualize: synthesize has the unknown option {unknown[0]!r}; its options are "
+                         f"{', '.join(SYNTHESIS_OPTIONS)} (the model, layer, channels, preprocessing and device are "
+                         f"visualize's)")
+    optimize.check_options("visualize: synthesize", **synthesize)
+    return dict(synthesize)
 
 
 def _requested_channels(channels, layer: str, num_channels: int) -> Optional[List[int]]:
@@ -317,9 +357,11 @@ class _Chunk:
     pairs: List[Tuple[int, int]]
 
 
-def _plan(request: _Request, tops, scan_seconds: float) -> Tuple[List[_LayerWork], List[_Chunk]]:
-    """Each layer's work, and every chunk in the order they run: each layer's first chunk comes first,
-    so that their times estimate the whole run before most of it starts."""
+def _plan(request: _Request, tops,
+          scan_seconds: float) -> Tuple[List[_LayerWork], List[_Chunk], Optional[torch.Tensor]]:
+    """Each layer's work, every chunk in the order they run (each layer's first chunk comes first, so
+    that their times estimate the whole run before most of it starts), and an image of the data (None
+    where the scan ranked none)."""
     from .. import batches
 
     ranked = [int(i) for top in tops.values() for i in top.image_index.flatten().tolist() if int(i) >= 0][:1]
@@ -327,7 +369,7 @@ def _plan(request: _Request, tops, scan_seconds: float) -> Tuple[List[_LayerWork
     work = [_plan_layer(request, layer, tops[layer], scan_seconds, sample) for layer in request.layers]
     per_layer = [item.chunks(max(1, PROJECTIONS_PER_CALL // request.k)) for item in work]
     chunks = [chunks[0] for chunks in per_layer if chunks] + [chunk for chunks in per_layer for chunk in chunks[1:]]
-    return work, chunks
+    return work, chunks, sample
 
 
 def _geometry(request: _Request, layer: str, image: torch.Tensor) -> tuple:
@@ -368,11 +410,87 @@ def _plan_layer(request: _Request, layer: str, scan, scan_seconds: float, sample
 
 
 # --------------------------------------------------------------------------------------------- #
+# 3b. Optimized images (synthesize=), shared by the ranks
+# --------------------------------------------------------------------------------------------- #
+
+@dataclass
+class _Optimized:
+    """One layer's optimized images on the CPU: ``images`` [n, 3, s, s] RGB in [0, 1], one per channel
+    of ``channels``; ``values``: the objective each reaches; ``seconds``: the layer's time."""
+
+    channels: List[int]
+    images: torch.Tensor
+    values: torch.Tensor
+    seconds: float
+
+
+def _synthesis_settings(request: _Request):
+    """``(size, steps, seed, objective, lr, plan)`` of the optimized images (``optimize.check_options``)."""
+    return optimize.check_options("visualize: synthesize", **request.synthesis)
+
+
+def _synthesize_layers(request: _Request, work: List[_LayerWork],
+                       sample: Optional[torch.Tensor]) -> Dict[str, _Optimized]:
+    """{layer: its optimized images}: ``deconvcuda.synthesize`` on each layer's drawn channels, in
+    batches of ``request.batch_size`` channels, with ``request.synthesis``'s options (the size set to
+    the side of ``sample``, an image of the data, unless they name one). Under torch.distributed batch
+    i (counted over all layers) is optimised on rank i % world, so each image is the one a single
+    process makes, and every rank gets every layer's images."""
+    if sample is not None:
+        request.synthesis.setdefault("size", max(sample.shape[-2:]))
+    records = [item.record for item in work if item.record.channels]
+    if not records:
+        return {}
+    options = request.synthesis
+    size, steps, _, objective, _, _ = _synthesis_settings(request)
+    batches = [(record.layer, record.channels[first:first + request.batch_size])
+               for record in records for first in range(0, len(record.channels), request.batch_size)]
+    mine = batches[request.rank::request.world]
+    # in a terminal synthesize's own bar shows each batch's steps (this one only says what starts);
+    # in a log file a line at each tenth of the channels
+    terminal = is_terminal()
+    bar = Progress(sum(len(channels) for _, channels in mine), "optimized images", "channel",
+                   enabled=request.progress)
+    bar.say(f"visualize: an optimized image for each of {sum(len(record.channels) for record in records)} channels "
+            f"({size} px, {steps} steps)")
+
+    def synthesize_mine() -> List[Tuple[str, _Optimized]]:
+        results = []
+        with bar:
+            for layer, channels in mine:
+                tick = time.perf_counter()
+                images = optimize.synthesize(request.model, layer, channels, preprocessing=request.preprocessing,
+                                             device=request.device, progress=request.progress and terminal,
+                                             **options)
+                values = optimize.objective_values(request.model, layer, images, channels, objective=objective,
+                                                   preprocessing=request.preprocessing)
+                results.append((layer, _Optimized(channels, images.cpu(), values.cpu(), time.perf_counter() - tick)))
+                if not terminal:
+                    bar.update(len(channels))
+        return results
+
+    parts: Dict[str, List[_Optimized]] = {record.layer: [] for record in records}
+    for rank_results in share(synthesize_mine, "visualize", world=request.world):
+        for layer, part in rank_results:
+            parts[layer].append(part)
+    optimized = {}
+    for record in records:
+        done = sorted(parts[record.layer], key=lambda part: record.channels.index(part.channels[0]))
+        optimized[record.layer] = _Optimized(record.channels, torch.cat([part.images for part in done]),
+                                             torch.cat([part.values for part in done]),
+                                             sum(part.seconds for part in done))
+        record.seconds["synthesize"] = optimized[record.layer].seconds
+    return optimized
+
+
+# --------------------------------------------------------------------------------------------- #
 # 4. Projections, shared by the ranks
 # --------------------------------------------------------------------------------------------- #
 
-def _project_rounds(request: _Request, chunks: List[_Chunk]) -> Optional[Exception]:
-    """Project every chunk and (rank 0) draw it, with one progress display for all. In rounds of
+def _project_rounds(request: _Request, chunks: List[_Chunk],
+                    optimized: Dict[str, _Optimized]) -> Optional[Exception]:
+    """Project every chunk and (rank 0) draw it (with its layer's ``optimized`` images, where there
+    are), with one progress display for all. In rounds of
     ``world`` chunks, chunk i on rank i % world, so that rank 0 holds at most one round of results.
     Returns rank 0's error while drawing in a torch.distributed run (None otherwise): it is raised on
     every rank at the next meeting, this function's next round or the gallery's."""
@@ -408,7 +526,7 @@ def _project_rounds(request: _Request, chunks: List[_Chunk]) -> Optional[Excepti
                 chunk.work.record.seconds["project"] += seconds
                 tock = time.perf_counter()
                 try:
-                    _draw_chunk(request, chunk, cells)
+                    _draw_chunk(request, chunk, cells, optimized.get(chunk.work.record.layer))
                 except Exception as error:
                     if world == 1:
                         raise
@@ -505,17 +623,26 @@ class _Estimate:
 # 5. Drawing (rank 0)
 # --------------------------------------------------------------------------------------------- #
 
-def _draw_chunk(request: _Request, chunk: _Chunk, cells) -> None:
-    """Each channel's PNG of the chunk, and its figure in the layer's record."""
+def _draw_chunk(request: _Request, chunk: _Chunk, cells, optimized: Optional[_Optimized]) -> None:
+    """Each channel's PNG of the chunk (and its optimized image's, where ``optimized`` holds the
+    layer's), and its figure in the layer's record."""
     item, pairs = chunk.work, chunk.pairs
     record = item.record
     projections, patches, outlines, boxes = cells
+    folder = request.out / gallery.slug(record.layer)
     for channel in chunk.channels:
         rows = [i for i, (c, _) in enumerate(pairs) if c == channel]
         ranks = [pairs[i][1] for i in rows]
-        picture = render.channel_figure([p[rows] for p in projections], patches[rows], request.k,
-                                        titles=list(request.rules) + ["image patches"], outlines=outlines[rows])
-        path = request.out / gallery.slug(record.layer) / f"channel_{channel:04d}.png"
+        titles, image, image_path, value = list(request.rules) + ["image patches"], None, None, None
+        if optimized is not None:
+            at = optimized.channels.index(channel)
+            image, value = optimized.images[at], float(optimized.values[at])
+            titles.append(OPTIMIZED_TITLE)
+            image_path = folder / f"optimized_{channel:04d}.png"
+            render.save_png(render.rgb_pixels(image), image_path)
+        picture = render.channel_figure([p[rows] for p in projections], patches[rows], request.k, titles=titles,
+                                        outlines=outlines[rows], optimized=image)
+        path = folder / f"channel_{channel:04d}.png"
         render.save_png(picture, path)
         indices = [int(item.image_index[channel, r]) for r in ranks]
         names = request.image_names
@@ -525,7 +652,7 @@ def _draw_chunk(request: _Request, chunk: _Chunk, cells) -> None:
             image_index=indices,
             image_names=[names[i] if names is not None else f"image {i}" for i in indices],
             positions=[(int(item.ys[channel, r]), int(item.xs[channel, r])) for r in ranks],
-            boxes=[boxes[i] for i in rows], rules=list(request.rules)))
+            boxes=[boxes[i] for i in rows], rules=list(request.rules), optimized=image_path, optimized_value=value))
 
 
 def _draw_overview(out: Path, record: LayerFigures, k: int) -> None:
@@ -563,11 +690,13 @@ def _write_gallery(request: _Request, work: List[_LayerWork], tops, drawing_erro
         for record in records:
             _draw_overview(request.out, record, request.k)
         title = f"deconvcuda: {request.model_name or type(request.model).__name__}"
+        optimized = None if request.synthesis is None else optimize.OBJECTIVE_WORDS[_synthesis_settings(request)[3]]
         page = gallery.index_html(title, _header(request, scanned, records), records, request.out, request.rules,
-                                  request.k,
-                                  scanned, request.sections)
+                                  request.k, scanned, request.sections, optimized=optimized)
         index.write_text(page, encoding="utf-8")
-        gallery.record_outputs(request.out, [index] + [figure.path for record in records for figure in record.figures]
+        figures = [figure for record in records for figure in record.figures]
+        gallery.record_outputs(request.out, [index] + [figure.path for figure in figures]
+                               + [figure.optimized for figure in figures if figure.optimized is not None]
                                + [record.overview for record in records if record.overview is not None])
         return Visualization(out=request.out, index=index, layers=records, rules=request.rules,
                              images_per_rank=tops[request.layers[0]].images_per_rank)
@@ -612,5 +741,20 @@ def _header(request: _Request, scanned: int, records: Sequence[LayerFigures]) ->
         ("contrast", contrast),
         ("settings", f"k = {request.k} (activations per channel, one per image), seed = {request.seed!r}, "
                      f"lrn = {request.lrn!r}, backend = {request.backend!r}"),
+    ] + _synthesis_header(request) + [
         ("device", str(device)),
     ]
+
+
+def _synthesis_header(request: _Request) -> List[Tuple[str, str]]:
+    """The header's row on the optimized images: how ``deconvcuda.synthesize`` made them (none without)."""
+    if request.synthesis is None:
+        return []
+    size, steps, seed, objective, lr, plan = _synthesis_settings(request)
+    regularizers = [plan.parameterization] + plan.transforms + plan.steps
+    given = "regularizers" in request.synthesis
+    return [("optimized", f"each channel's optimized image: deconvcuda.synthesize on the layer's drawn channels in "
+                          f"batches of {request.batch_size}, objective {objective!r} "
+                          f"({optimize.OBJECTIVE_WORDS[objective]}), {size}x{size} pixels, {steps} steps of Adam "
+                          f"(lr {lr:g}) from seed {seed}, regularizers "
+                          f"{', '.join(map(repr, regularizers))}{'' if given else ' (the default)'}")]

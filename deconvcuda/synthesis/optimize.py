@@ -24,12 +24,17 @@ from ..checks import ArgumentError, OutOfRangeError, is_int
 from . import regularizers as _regularizers
 from .redirect import redirected_relus
 
-__all__ = ["synthesize", "objective_values", "OBJECTIVES", "DEFAULT_STEPS", "DEFAULT_LR"]
+__all__ = ["synthesize", "objective_values", "check_options", "OBJECTIVES", "OBJECTIVE_WORDS", "DEFAULT_SIZE",
+           "DEFAULT_STEPS", "DEFAULT_LR"]
 
 #: "channel": the mean of the channel's map (over positions, or over tokens); "neuron": the unit at
 #: the map's centre (row H // 2, column W // 2; the token T // 2). Flat layers [N, F]: the unit, either way.
 OBJECTIVES = ("channel", "neuron")
-#: Steps and Adam's learning rate unless told otherwise (chosen by measuring: docs/synthesize.md).
+#: Each objective in words, for captions (of a flat layer's unit, either way).
+OBJECTIVE_WORDS = {"channel": "the mean of the channel's map", "neuron": "the unit at the centre of the channel's map"}
+#: The images' side, steps and Adam's learning rate unless told otherwise (steps and rate chosen by
+#: measuring: docs/synthesize.md).
+DEFAULT_SIZE = 224
 DEFAULT_STEPS = 256
 DEFAULT_LR = 0.05
 
@@ -162,6 +167,22 @@ def _check_layer_and_channels(model, layer, model_input, channels: List[int], ca
     return name
 
 
+def check_options(caller: str, *, size: int = DEFAULT_SIZE, steps: int = DEFAULT_STEPS, seed: int = 0,
+                  objective: str = "channel", regularizers=None, lr: float = DEFAULT_LR):
+    """:func:`synthesize`'s options checked, errors naming ``caller``: ``(size, steps, seed, objective,
+    lr, plan)``, ``plan`` the regularizers by role (:func:`regularizers.plan`). For callers that
+    synthesize later (``visualize(synthesize=...)``) and want a mistake reported before their work."""
+    size = _check_positive_int(size, "size", caller, "the images' side in pixels")
+    steps = _check_positive_int(steps, "steps", caller, "the number of optimisation steps")
+    if not is_int(seed):
+        raise ValueError(f"{caller}: seed must be an int, got {seed!r}")
+    objective = _check_objective(objective, caller)
+    if not isinstance(lr, numbers.Real) or isinstance(lr, bool) or not lr > 0:
+        raise ValueError(f"{caller}: lr must be a positive number (Adam's learning rate), got {lr!r}")
+    plan = _regularizers.plan(regularizers, caller, default=_regularizers.DEFAULT[objective])
+    return size, steps, int(seed), objective, float(lr), plan
+
+
 def objective_values(model: nn.Module, layer, images: torch.Tensor, channels, *, objective: str = "channel",
                      preprocessing=None) -> torch.Tensor:
     """[N]: the objective :func:`synthesize` maximises, of channel ``channels[n]`` on image n
@@ -182,8 +203,8 @@ def objective_values(model: nn.Module, layer, images: torch.Tensor, channels, *,
     return _unit_values(output, torch.tensor(channels, device=output.device), objective)
 
 
-def synthesize(model: nn.Module, layer, channels, *, size: int = 224, steps: int = DEFAULT_STEPS, seed: int = 0,
-               objective: str = "channel", preprocessing=None, regularizers=None, lr: float = DEFAULT_LR,
+def synthesize(model: nn.Module, layer, channels, *, size: int = DEFAULT_SIZE, steps: int = DEFAULT_STEPS,
+               seed: int = 0, objective: str = "channel", preprocessing=None, regularizers=None, lr: float = DEFAULT_LR,
                device=None, progress: bool = True) -> torch.Tensor:
     """Images that drive each of ``channels`` of ``layer`` up: ``[len(channels), 3, size, size]`` RGB in [0, 1].
 
@@ -205,14 +226,8 @@ def synthesize(model: nn.Module, layer, channels, *, size: int = 224, steps: int
     caller = "synthesize"
     _check_model(model, caller)
     channels = _check_channels(channels, caller)
-    size = _check_positive_int(size, "size", caller, "the images' side in pixels")
-    steps = _check_positive_int(steps, "steps", caller, "the number of optimisation steps")
-    if not is_int(seed):
-        raise ValueError(f"{caller}: seed must be an int, got {seed!r}")
-    objective = _check_objective(objective, caller)
-    if not isinstance(lr, numbers.Real) or isinstance(lr, bool) or not lr > 0:
-        raise ValueError(f"{caller}: lr must be a positive number (Adam's learning rate), got {lr!r}")
-    plan = _regularizers.plan(regularizers, caller, default=_regularizers.DEFAULT[objective])
+    size, steps, seed, objective, lr, plan = check_options(caller, size=size, steps=steps, seed=seed,
+                                                           objective=objective, regularizers=regularizers, lr=lr)
     device, dtype = _placement(model, device, caller)
     to_model = _input_mapping(model, preprocessing, caller)
 
