@@ -363,9 +363,9 @@ def return_large_buffers() -> None:
     By default glibc raises that threshold to the largest buffer freed so far (up to 32 MB), after
     which maps and projections of every size are carved from heaps that fragment and never shrink:
     ``deconvcuda visualize --model alexnet`` over 4,000 images peaked at 1.19 GiB that way, and at
-    1.11 to 1.13 GiB with this threshold. The cost is a fresh mapping for each large CPU buffer: that run took
-    39 s instead of 30 s on 2 CPU cores; on a GPU the maps live in PyTorch's caching allocator and
-    nothing changes. A command line owns its process, so it sets this; the library leaves the
+    1.07 to 1.13 GiB (four runs) with this threshold. The cost is a fresh mapping for each large CPU
+    buffer: that run took 39 s instead of 30 s on 2 CPU cores; on a GPU the maps live in PyTorch's
+    caching allocator and nothing changes. A command line owns its process, so it sets this; the library leaves the
     allocator alone.
     """
     if not sys.platform.startswith("linux"):
