@@ -247,6 +247,41 @@ def test_a_function_outside_the_table_takes_its_gradient_or_strict_names_it():
         assert relative_error(actual, expected) < 1e-10, rule
 
 
+
+class _InPlaceInputs(nn.Module):
+    """A tensor changed in place (``a.relu_()``, not reassigned) and then read by a pointwise function's
+    product and a concatenation: each op after it reads the changed tensor once, as one input. With
+    ``in_place=False`` the same function written with a new tensor, for the oracle (whose rectifier
+    mode returns a new tensor for ``relu_``)."""
+
+    def __init__(self, in_place: bool = True):
+        super().__init__()
+        self.in_place = in_place
+        self.left, self.right = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 3)
+
+    def forward(self, x):
+        a, b = self.left(x), self.right(x)
+        if self.in_place:
+            a.relu_()
+        else:
+            a = torch.relu(a)
+        b = torch.nn.functional.silu(b) * a
+        return self.head(torch.cat([a, b], 1))
+
+
+def test_tensors_changed_in_place_are_read_once_by_the_ops_after():
+    torch.manual_seed(0)
+    model, images = _InPlaceInputs().eval(), torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    written_anew = _InPlaceInputs(in_place=False).eval()
+    written_anew.load_state_dict(model.state_dict())
+    for rule in RULES:
+        for selection in ({"channel": 1}, {"channel": 0, "position": (4, 3)}):
+            expected = rule_oracle(written_anew.double(), images, "head", **selection, rule=rule)
+            actual = deconvcuda.project(model, images, "head", **selection, rule=rule)
+            assert relative_error(actual, expected) < 1e-10, (rule, selection)
+
+
 def test_build_knows_the_graph_families_and_their_default_layers():
     from deconvcuda import models
 

@@ -141,17 +141,13 @@ class Call:
 
     def data(self, name: str = "input"):
         """Declare argument ``name`` a data input (a tensor computed from the images)."""
-        self.inputs.append(self.reader.data_input(self.node, self.args.get(name)))
-        return self.inputs[-1]
+        return self._input(self.reader.data_input(self.node, self.args.get(name)))
 
-    def data_each(self, name: str) -> List[Any]:
-        """Declare every item of the list argument ``name`` a data input (``torch.cat``'s tensors)."""
-        items = self.args.get(name)
-        if not isinstance(items, (list, tuple)) or not items:
-            self.fail(f"takes {name}={items!r}; a non-empty list of tensors is expected")
-        for item in items:
-            self.inputs.append(self.reader.data_input(self.node, item))
-        return self.inputs[-len(items):]
+    def _input(self, value):
+        """``value`` (a graph node) as the next input: the node whose result the call really reads,
+        after any in-place change (``a.relu_()``), as ``template`` records it, so that both name one input."""
+        self.inputs.append(self.reader.current(value, self.node))
+        return self.inputs[-1]
 
     def is_data(self, value) -> bool:
         """Whether ``value`` (an argument) is computed from the images."""
@@ -161,7 +157,7 @@ class Call:
         """An argument that may be data, a value computed in the forward (a graph node) or a literal:
         returns ``("input", i)`` for the i-th input (declared here), or ``("literal", value)``."""
         if self.reader.is_node(value):
-            self.inputs.append(value)
+            self._input(value)
             return ("input", len(self.inputs) - 1)
         return ("literal", value)
 

@@ -184,10 +184,7 @@ class Cat(Kind):
         items = call.get("tensors")
         if not isinstance(items, (list, tuple)) or not items:
             call.fail(f"takes tensors={items!r}; a list of tensors is expected")
-        for item in items:
-            if call.reader.is_node(item):
-                call.inputs.append(item)
-        return cls(call.template(), dim)
+        return cls(call.template(), dim)  # the template takes every graph node among the tensors as an input
 
     def outside_table(self):
         if not self.channels:
