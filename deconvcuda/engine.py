@@ -370,8 +370,6 @@ def _selection(output: torch.Tensor, layout: str, channel, position, neurons, ro
         y, x = _strongest(output, layout, channel)
     else:
         y, x = torch.full_like(every, position[0]), torch.full_like(every, position[1])
-    if layout == "tokens":  # the token is carried as y
-        return Selection(layout, every, torch.full_like(every, channel), y, x)
     return Selection(layout, every, torch.full_like(every, channel), y, x)
 
 

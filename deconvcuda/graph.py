@@ -97,10 +97,6 @@ class Graph:
         self.strict = strict
         self._reader = reader
 
-    @property
-    def data_nodes(self) -> List[Node]:
-        return [node for node in self.nodes if node.data]
-
     def node_shapes(self, input_shape: Sequence[int], caller: str, dtype: Optional[torch.dtype] = None
                     ) -> Dict[Node, Any]:
         """Per-image output shape of every data node (a Constant for values), for images of

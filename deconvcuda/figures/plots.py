@@ -17,10 +17,12 @@ import math
 import os
 import textwrap
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence, Tuple, Union
+from typing import List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from ..geometry import pair
 
 __all__ = ["occlusion_figure", "invariance_figure", "evolution_figure", "draw_evolution", "sanity_figure",
            "synthesis_figure", "gradcam_figure", "new_figure", "hwc", "save_figure"]
@@ -62,14 +64,10 @@ def hwc(image: torch.Tensor) -> np.ndarray:
     return image.permute(1, 2, 0).numpy()
 
 
-def _pair(value) -> Tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
-
-
 def _heat_map(axes, figure, values: np.ndarray, image_size, window, stride, title: str, colour_map: str,
               label: str, limits=None):
     """Values over occluder positions, each drawn at its square's centre in image coordinates."""
-    window, stride = _pair(window), _pair(stride)
+    window, stride = pair(window), pair(stride)
     rows, cols = values.shape
     # the centres span [window/2, (rows-1)*stride + window/2]; each cell is one stride wide
     extent = (window[1] / 2 - stride[1] / 2, window[1] / 2 + (cols - 0.5) * stride[1],
@@ -99,7 +97,7 @@ def occlusion_figure(path: PathLike, image: torch.Tensor, values: torch.Tensor, 
     probable class per position. values, probabilities, classes: ``[R, C]`` over positions."""
     from matplotlib.patches import Rectangle
 
-    window, stride = _pair(window), _pair(stride)
+    window, stride = pair(window), pair(stride)
     picture = hwc(image)
     height, width = picture.shape[:2]
     panels = 2 + (projection is not None) + (probabilities is not None) + (classes is not None)
