@@ -42,13 +42,13 @@ def warn(caller: str, model: nn.Module, why: Exception, instead: str, stacklevel
 
 
 class _Rectifier(torch.autograd.Function):
-    """clamp(x, 0, top) forward; the rule's reverse backward."""
+    """clamp(x, 0, top) forward; the rule's reverse backward (the mask of where the forward passed
+    kept only for a masked rule: the others never read it)."""
 
     @staticmethod
     def forward(ctx, x, top: float, rule: Rule, inplace: bool):
-        passed = (x > 0) & (x < top)
         ctx.rule = rule
-        ctx.save_for_backward(passed)
+        ctx.save_for_backward((x > 0) & (x < top) if rule.masked else None)
         if inplace:
             ctx.mark_dirty(x)
             return x.clamp_(0, top) if top != float("inf") else x.clamp_(min=0)
@@ -57,7 +57,7 @@ class _Rectifier(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (passed,) = ctx.saved_tensors
-        return ctx.rule.rectifier(g, passed if ctx.rule.masked else None), None, None, None
+        return ctx.rule.rectifier(g, passed), None, None, None
 
 
 class StraightThrough(torch.autograd.Function):
