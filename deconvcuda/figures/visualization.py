@@ -36,7 +36,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -49,6 +49,9 @@ from ..progress import Progress, duration, is_terminal
 from ..synthesis import optimize
 from . import gallery, render
 from .records import ChannelFigure, LayerFigures, Visualization
+
+if TYPE_CHECKING:
+    from ..receptive_field import ReceptiveField
 
 __all__ = ["visualize", "DEFAULT_CHANNELS"]
 
@@ -323,6 +326,7 @@ class _LayerWork:
     ys: torch.Tensor
     xs: torch.Tensor
     drawn: List[Tuple[int, int]]
+    field: Optional[ReceptiveField] = None  # for the data's images; None where the scan ranked none
 
     def chunks(self, per_call: int) -> List["_Chunk"]:
         """The layer's channels cut for ``project`` calls: the first PROBE_CHANNELS channels (whose
@@ -364,28 +368,26 @@ def _plan(request: _Request, tops,
     where the scan ranked none)."""
     from .. import batches
 
+    from ..forward import LayerForward
+
     ranked = [int(i) for top in tops.values() for i in top.image_index.flatten().tolist() if int(i) >= 0][:1]
     sample = batches.gather_images(request.data, ranked, request.batch_size)[0] if ranked else None
-    work = [_plan_layer(request, layer, tops[layer], scan_seconds, sample) for layer in request.layers]
+    shapes = LayerForward(request.model, request.layers, "visualize").shapes(tuple(sample.shape)) \
+        if sample is not None else {}
+    work = [_plan_layer(request, layer, tops[layer], scan_seconds, sample, shapes.get(layer))
+            for layer in request.layers]
     per_layer = [item.chunks(max(1, PROJECTIONS_PER_CALL // request.k)) for item in work]
     chunks = [chunks[0] for chunks in per_layer if chunks] + [chunk for chunks in per_layer for chunk in chunks[1:]]
     return work, chunks, sample
 
 
-def _geometry(request: _Request, layer: str, image: torch.Tensor) -> tuple:
-    """The layer's receptive field size, its stride and its output map's size, for images like ``image``."""
-    from ..forward import LayerForward
+def _plan_layer(request: _Request, layer: str, scan, scan_seconds: float, sample: Optional[torch.Tensor],
+                output_shape) -> _LayerWork:
+    """Which channels of ``layer`` are drawn, which are silent, and which activations (> 0) each shows;
+    its receptive field for ``sample``, an image of the data, whose per-image output is ``output_shape``
+    (both None where the scan ranked none)."""
     from ..receptive_field import receptive_field
 
-    shape = tuple(image.shape)
-    field_ = receptive_field(request.model, layer, input_size=shape[-2:])
-    output = LayerForward(request.model, layer, "visualize").shapes(shape)[layer]
-    return tuple(field_.size), tuple(field_.stride), tuple(output[1:])
-
-
-def _plan_layer(request: _Request, layer: str, scan, scan_seconds: float, sample: Optional[torch.Tensor]) -> _LayerWork:
-    """Which channels of ``layer`` are drawn, which are silent, and which activations (> 0) each shows;
-    its geometry from ``sample``, an image of the data (None where the scan ranked none)."""
     values, image_index = scan.values.detach().cpu(), scan.image_index.detach().cpu()
     ys, xs = scan.y.detach().cpu(), scan.x.detach().cpu()
     num_channels = values.shape[0]
@@ -401,12 +403,15 @@ def _plan_layer(request: _Request, layer: str, scan, scan_seconds: float, sample
     # the scan is shared by the layers: each shows its whole time
     record = LayerFigures(layer, num_channels, drawn, (0, 0), None, silent=silent,
                           seconds={"top_activations": scan_seconds, "project": 0.0, "draw": 0.0})
+    field_ = None
     if sample is not None:
-        record.receptive_field, record.stride, record.map_size = _geometry(request, layer, sample)
+        field_ = receptive_field(request.model, layer, input_size=tuple(sample.shape[-2:]))
+        record.receptive_field, record.stride = tuple(field_.size), tuple(field_.stride)
+        record.map_size = tuple(output_shape[1:])
         description = describe(request.model, layer, tuple(sample.shape), rule=request.rules[0])
         record.gradient_ops, record.fallback = description.gradient_ops(), description.fallback
     pairs = [(c, r) for c in drawn for r in range(values.shape[1]) if bool(fires[c, r])]
-    return _LayerWork(record, values, image_index, ys, xs, pairs)
+    return _LayerWork(record, values, image_index, ys, xs, pairs, field_)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -548,7 +553,7 @@ def _project_chunk(request: _Request, chunk: _Chunk):
     The images are read from the data by index: just those the chunk's activations came from."""
     from .. import batches
     from ..engine import project
-    from ..receptive_field import crop_patches, receptive_field
+    from ..receptive_field import crop_patches
 
     item, pairs = chunk.work, chunk.pairs
     if not pairs:
@@ -559,8 +564,7 @@ def _project_chunk(request: _Request, chunk: _Chunk):
     slot = {index: i for i, index in enumerate(wanted)}
     neurons = torch.tensor([[slot[int(item.image_index[c, r])], c, int(item.ys[c, r]), int(item.xs[c, r])]
                             for c, r in pairs], dtype=torch.long)
-    field_ = receptive_field(request.model, layer, input_size=tuple(images.shape[-2:]))
-    boxes = [tuple(int(v) for v in field_.box(int(item.ys[c, r]), int(item.xs[c, r]))) for c, r in pairs]
+    boxes = [tuple(int(v) for v in item.field.box(int(item.ys[c, r]), int(item.xs[c, r]))) for c, r in pairs]
     projections, outlines = [], None
     for name in request.rules:
         projected = project(request.model, images, layer, neurons=neurons.to(request.device), rule=name,
