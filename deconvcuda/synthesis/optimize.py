@@ -14,7 +14,7 @@ they are.
 from __future__ import annotations
 
 import numbers
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 import torch
 from torch import nn
@@ -147,9 +147,10 @@ def _layer_output(model, layer, model_input, caller: str, *, stop_early: bool):
     return name, outputs[name]
 
 
-def _check_layer_and_channels(model, layer, model_input, channels: List[int], caller: str) -> str:
-    """One full forward: the layer exists, is called once, returns a tensor of a known shape, and every
-    channel is in it. Returns the layer's name."""
+def _check_layer_and_channels(model, layer, model_input, channels: List[int], caller: str
+                              ) -> Tuple[str, torch.Tensor]:
+    """One full forward, without gradients: the layer exists, is called once, returns a tensor of a
+    known shape, and every channel is in it. Returns the layer's name and its output."""
     try:
         with torch.no_grad():
             name, output = _layer_output(model, layer, model_input, caller, stop_early=False)
@@ -164,7 +165,7 @@ def _check_layer_and_channels(model, layer, model_input, channels: List[int], ca
     if outside:
         raise OutOfRangeError(f"{caller}: channel {outside[0]} is outside layer {name!r}, which has {count} "
                               f"{'units' if output.dim() == 2 else 'channels'} (0..{count - 1})")
-    return name
+    return name, output
 
 
 def check_options(caller: str, *, size: int = DEFAULT_SIZE, steps: int = DEFAULT_STEPS, seed: int = 0,
@@ -197,9 +198,7 @@ def objective_values(model: nn.Module, layer, images: torch.Tensor, channels, *,
     if len(channels) != images.shape[0]:
         raise ValueError(f"{caller}: channels must name one channel per image ({images.shape[0]}), got {len(channels)}")
     model_input = _input_mapping(model, preprocessing, caller)(images)
-    name = _check_layer_and_channels(model, layer, model_input, channels, caller)
-    with torch.no_grad():
-        _, output = _layer_output(model, name, model_input, caller, stop_early=True)
+    _, output = _check_layer_and_channels(model, layer, model_input, channels, caller)
     return _unit_values(output, torch.tensor(channels, device=output.device), objective)
 
 
@@ -237,7 +236,7 @@ def synthesize(model: nn.Module, layer, channels, *, size: int = DEFAULT_SIZE, s
     parameters = parameterization.init(shape, generator, dtype).to(device).requires_grad_(True)
     with torch.no_grad():
         start = torch.sigmoid(parameterization.image(parameters, (size, size)))
-        name = _check_layer_and_channels(model, layer, to_model(start), channels, caller)
+        name, _ = _check_layer_and_channels(model, layer, to_model(start), channels, caller)
     index = torch.tensor(channels, device=device)
     optimizer = torch.optim.Adam([parameters], lr=float(lr), maximize=True)
 
