@@ -9,7 +9,7 @@ import numbers
 import torch
 from torch import nn
 
-__all__ = ["OutOfRangeError", "DtypeError", "ArgumentError", "is_int", "check_images", "check_input_shape",
+__all__ = ["OutOfRangeError", "DtypeError", "ArgumentError", "is_int", "check_model", "check_images", "check_input_shape",
            "resolve_layer", "check_channel_per_image", "as_list"]
 
 
@@ -26,6 +26,12 @@ class DtypeError(TypeError, ValueError):
 class ArgumentError(TypeError, ValueError):
     """An argument that is not the kind of object expected (a list where a tensor belongs): a
     TypeError, and a ValueError for callers that check arguments' values as one."""
+
+
+def check_model(model, caller: str) -> None:
+    """An ArgumentError where ``model`` is not a torch.nn.Module."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def is_int(value) -> bool:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .capture import capture
-from .checks import ArgumentError, DtypeError, OutOfRangeError, check_images, is_int
+from .checks import ArgumentError, DtypeError, OutOfRangeError, check_images, check_model, is_int
 
 __all__ = ["gradcam", "guided_gradcam", "UPSAMPLE_MODES"]
 
@@ -58,8 +58,7 @@ def _check_target(target, n_images: int, classes: int, caller: str) -> torch.Ten
 def _class_map(model: nn.Module, images: torch.Tensor, layer, target, caller: str
                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(Grad-CAM's map at the layer's resolution ``[N, 1, h, w]``, the checked target ``[N]``)."""
-    if not isinstance(model, nn.Module):
-        raise ArgumentError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model, caller)
     check_images(images, caller, allow_empty=False)
     n = images.shape[0]
     with torch.inference_mode(False), torch.enable_grad():

@@ -34,7 +34,7 @@ from torch import nn
 from . import rules as rule_registry
 from .batches import iter_batches
 from .capture import capture
-from .checks import ArgumentError, as_list, check_channel_per_image, check_images, is_int, resolve_layer
+from .checks import ArgumentError, as_list, check_channel_per_image, check_images, check_model, is_int, resolve_layer
 from .progress import track
 from .receptive_field import receptive_field
 from .similarity import SSIM_WINDOW, saliency_maps, spearman, ssim
@@ -226,8 +226,7 @@ def sanity_check(model: nn.Module, images: torch.Tensor, layer, *,
     from .engine import project
 
     caller = "sanity_check"
-    if not isinstance(model, nn.Module):
-        raise ArgumentError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model, caller)
     check_images(images, caller, allow_empty=False)
     layer = resolve_layer(model, layer, caller)
     names = _check_rules(rules, caller)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..capture import capture
-from ..checks import ArgumentError, OutOfRangeError, is_int
+from ..checks import ArgumentError, OutOfRangeError, check_model, is_int
 from . import regularizers as _regularizers
 from .redirect import redirected_relus
 
@@ -131,11 +131,6 @@ def _input_mapping(model: nn.Module, preprocessing, caller: str) -> Callable[[to
                         f"in [0, 1] to the model's input, got {type(preprocessing).__name__}")
 
 
-def _check_model(model, caller: str) -> None:
-    if not isinstance(model, nn.Module):
-        raise ArgumentError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
-
-
 def _layer_output(model, layer, model_input, caller: str, *, stop_early: bool):
     from ..graph import resolve_layer
 
@@ -189,7 +184,7 @@ def objective_values(model: nn.Module, layer, images: torch.Tensor, channels, *,
     """[N]: the objective :func:`synthesize` maximises, of channel ``channels[n]`` on image n
     (``images``: RGB [N, 3, H, W] in [0, 1], mapped by ``preprocessing`` as in :func:`synthesize`)."""
     caller = "objective_values"
-    _check_model(model, caller)
+    check_model(model, caller)
     channels = _check_channels(channels, caller)
     objective = _check_objective(objective, caller)
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
@@ -223,7 +218,7 @@ def synthesize(model: nn.Module, layer, channels, *, size: int = DEFAULT_SIZE, s
     from tqdm.auto import tqdm
 
     caller = "synthesize"
-    _check_model(model, caller)
+    check_model(model, caller)
     channels = _check_channels(channels, caller)
     size, steps, seed, objective, lr, plan = check_options(caller, size=size, steps=steps, seed=seed,
                                                            objective=objective, regularizers=regularizers, lr=lr)
